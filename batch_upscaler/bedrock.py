@@ -1,0 +1,129 @@
+"""The transport edge: one shared aiobotocore bedrock-runtime client and a single InvokeModel attempt.
+
+Everything network-shaped is turned into data here: an attempt returns the decoded image bytes or
+an :class:`~batch_upscaler.retry.AttemptError`; the retry policy, the rate limiter and the state
+machine never see a botocore exception. botocore's own retries are off (``total_max_attempts=1``)
+because the runner counts and paces every attempt itself; ``max_pool_connections`` follows the
+concurrency cap (the default of 10 would silently cap requests in flight).
+
+Request bodies are never logged or put into error messages: they hold the whole image.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pybase64
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    ProfileNotFound,
+    ReadTimeoutError,
+)
+
+from batch_upscaler.errors import FatalBackendError
+from batch_upscaler.retry import AttemptError
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    region: str
+    endpoint_url: str | None
+    profile: str | None
+    concurrency: int
+    read_timeout_s: float
+    connect_timeout_s: float
+    # Explicit keys are only for the local emulator; real runs use the default credential chain.
+    static_credentials: tuple[str, str] | None = None
+
+
+@asynccontextmanager
+async def open_client(settings: ClientSettings) -> AsyncIterator[Any]:
+    """The one bedrock-runtime client a run shares (its connection pool is the concurrency)."""
+    config = AioConfig(
+        max_pool_connections=max(10, settings.concurrency),
+        read_timeout=settings.read_timeout_s,
+        connect_timeout=settings.connect_timeout_s,
+        retries={"total_max_attempts": 1, "mode": "standard"},
+    )
+    keys: dict[str, str] = {}
+    if settings.static_credentials:
+        keys = {"aws_access_key_id": settings.static_credentials[0],
+                "aws_secret_access_key": settings.static_credentials[1]}
+    try:
+        session = AioSession(profile=settings.profile)
+        client_cm = session.create_client("bedrock-runtime", region_name=settings.region,
+                                          endpoint_url=settings.endpoint_url, config=config, **keys)
+        client = await client_cm.__aenter__()
+    except ProfileNotFound as exc:
+        raise FatalBackendError(f"AWS profile not found: {exc}") from None
+    try:
+        yield client
+    finally:
+        await client_cm.__aexit__(None, None, None)
+
+
+class BedrockInvoker:
+    """Sends one prepared request body to one model; knows the response shape."""
+
+    def __init__(self, client: Any, model_id: str) -> None:
+        self._client = client
+        self.model_id = model_id
+
+    async def invoke(self, body: bytes) -> bytes | AttemptError:
+        """One attempt: the decoded output image, or why the attempt failed."""
+        try:
+            response = await self._client.invoke_model(
+                modelId=self.model_id, body=body, contentType="application/json", accept="application/json")
+            payload = await response["body"].read()
+        except ClientError as exc:
+            return _client_error(exc)
+        except ReadTimeoutError as exc:
+            return AttemptError("read_timeout", str(exc))
+        except NoCredentialsError as exc:
+            return AttemptError("no_credentials", f"{exc}; configure AWS credentials or use backend: emulator")
+        except (BotoCoreError, aiohttp.ClientError, ConnectionError) as exc:
+            return AttemptError("connection_error", f"{type(exc).__name__}: {exc}")
+        return parse_response(payload)
+
+
+def parse_response(payload: bytes) -> bytes | AttemptError:
+    """Decode an InvokeModel 200 body; a non-null ``finish_reasons[0]`` is a failure."""
+    try:
+        document = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return AttemptError("bad_response", f"response body is not JSON ({len(payload)} bytes)")
+    if not isinstance(document, Mapping):
+        return AttemptError("bad_response", "response body is not a JSON object")
+    reasons = document.get("finish_reasons") or [None]
+    if reasons[0] is not None:
+        return AttemptError("content_filtered", str(reasons[0]))
+    images = document.get("images")
+    if not isinstance(images, list) or not images or not isinstance(images[0], str):
+        return AttemptError("bad_response", "response has no image")
+    try:
+        return pybase64.b64decode(images[0], validate=True)
+    except (binascii.Error, ValueError):
+        return AttemptError("bad_response", "response image is not valid base64")
+
+
+def _client_error(exc: ClientError) -> AttemptError:
+    error = exc.response.get("Error", {})
+    meta = exc.response.get("ResponseMetadata", {})
+    headers = meta.get("HTTPHeaders", {})
+    retry_after = headers.get("retry-after")
+    return AttemptError(
+        code=str(error.get("Code", "Unknown")),
+        message=str(error.get("Message", "")),
+        status=meta.get("HTTPStatusCode"),
+        retry_after_s=float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None,
+    )

@@ -1,0 +1,179 @@
+"""The command line: parses flags, merges configuration once, dispatches, and maps errors to exit codes.
+
+This is the only place that reads the environment (``BATCH_UPSCALER_CONFIG``) or decides which
+config file applies; everything below receives a frozen JobSettings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from batch_upscaler import __version__
+from batch_upscaler.checkpoint import Checkpoint
+from batch_upscaler.errors import ExitCode, UpscalerError, UsageError
+from batch_upscaler.manifest import load_settings
+from batch_upscaler.settings import JobSettings, RunOptions
+
+log = logging.getLogger("batch_upscaler")
+DEFAULT_CONFIG = Path("config/batch-upscaler.yaml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batch-upscaler", description="Upscale image collections with "
+                                     "Stability AI models on Amazon Bedrock, resumably.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) the job a manifest describes")
+    _job_args(run)
+    run.add_argument("--retry-failed", action="store_true", help="make failed items pending again first")
+    run.add_argument("--limit", type=_positive_int, help="start at most N items in this run")
+    run.add_argument("--concurrency", type=_positive_int, help="requests in flight (limits.concurrency)")
+    run.add_argument("--rpm", type=float, help="requests started per minute (limits.requests_per_minute)")
+    run.add_argument("--backend", choices=("bedrock", "emulator"), help="override the manifest's backend")
+    run.add_argument("--endpoint-url", help="a Bedrock-compatible endpoint (bedrock.endpoint_url)")
+    run.add_argument("--region", help="AWS region (bedrock.region)")
+    run.add_argument("--profile", help="AWS named profile (bedrock.profile)")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="show the progress bar (default: only on a terminal)")
+    for name, text in (("report", "rewrite the report from the checkpoint"),
+                       ("status", "counts per state from the checkpoint")):
+        _job_args(sub.add_parser(name, help=text))
+    emu = sub.add_parser("emulator", help="run the Bedrock-compatible emulator alone")
+    emu.add_argument("--host", default="127.0.0.1")
+    emu.add_argument("--port", type=int, default=8123)
+    emu.add_argument("--latency-s", type=float, default=0.0)
+    emu.add_argument("--quota-rpm", type=float, default=None)
+    emu.add_argument("--output-max-pixels", type=_positive_int, default=None)
+    emu.add_argument("--request-log", type=Path, default=None, help="append one JSON line per request")
+    return parser
+
+
+def _job_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("--config", type=Path, help=f"deployment config file (default: ${'{'}BATCH_UPSCALER_CONFIG"
+                        f"{'}'} or ./{DEFAULT_CONFIG} if present)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def config_path(explicit: Path | None) -> Path | None:
+    if explicit is not None:
+        if not explicit.is_file():
+            raise UsageError(f"--config: {explicit} not found")
+        return explicit
+    from_env = os.environ.get("BATCH_UPSCALER_CONFIG")
+    if from_env:
+        return Path(from_env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Command-line flags as a configuration layer (the highest one)."""
+    flags: dict[str, Any] = {}
+    limits = {k: v for k, v in (("concurrency", args.concurrency), ("requests_per_minute", args.rpm))
+              if v is not None}
+    bedrock = {k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region),
+                                 ("profile", args.profile)) if v is not None}
+    if limits:
+        flags["limits"] = limits
+    if bedrock:
+        flags["bedrock"] = bedrock
+    if args.backend:
+        flags["backend"] = args.backend
+    return flags
+
+
+def _settings(args: argparse.Namespace) -> JobSettings:
+    flags = flag_overrides(args) if args.command == "run" else {}
+    return load_settings(args.manifest, config_path(args.config), flags)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from batch_upscaler.runner import run_job  # imports aiobotocore: keep `--help` fast
+
+    settings = _settings(args)
+    options = RunOptions(limit=args.limit, retry_failed=args.retry_failed, show_progress=args.progress)
+    with logging_redirect_tqdm(loggers=[log]):
+        return int(run_job(settings, options).exit_code)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from batch_upscaler.report import ReportWriter
+
+    settings = _settings(args)
+    checkpoint = _existing_checkpoint(settings)
+    try:
+        print(ReportWriter(settings, checkpoint).write())
+    finally:
+        checkpoint.close()
+    return ExitCode.OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    checkpoint = _existing_checkpoint(settings)
+    try:
+        counts = {state.value: n for state, n in checkpoint.counts().items()}
+    finally:
+        checkpoint.close()
+    print(json.dumps({"job": settings.name, "checkpoint": str(settings.checkpoint_path), "counts": counts}, indent=2))
+    return ExitCode.OK
+
+
+def _existing_checkpoint(settings: JobSettings) -> Checkpoint:
+    if not settings.checkpoint_path.exists():
+        raise UsageError(f"job {settings.name!r} has no checkpoint yet ({settings.checkpoint_path}); run it first")
+    return Checkpoint.open(settings.checkpoint_path, settings.name)
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from batch_upscaler.emulator import EmulatorConfig, run_forever
+
+    run_forever(EmulatorConfig(host=args.host, port=args.port, latency_s=args.latency_s, quota_rpm=args.quota_rpm,
+                               output_max_pixels=args.output_max_pixels, request_log_path=args.request_log))
+    return ExitCode.OK
+
+
+def configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "status": cmd_status, "emulator": cmd_emulator}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    try:
+        return COMMANDS[args.command](args)
+    except UpscalerError as exc:
+        log.error("%s", exc)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        log.error("interrupted; run the same command again to resume")
+        return int(ExitCode.INTERRUPTED)
+
+
+def entry_point() -> None:
+    sys.exit(main())

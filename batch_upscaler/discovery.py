@@ -1,0 +1,175 @@
+"""Discovery: turn the manifest's sources (directories, files, globs) into a stream of image files.
+
+Properties a photo archive needs:
+* deterministic order (sources in manifest order, names sorted inside each directory);
+* a file is yielded once even when sources overlap or links point at it (dedup by device+inode);
+* hidden entries (``.*``, which includes AppleDouble ``._*`` files) are skipped;
+* symlinks are followed, including ones pointing outside the source root (the item keeps the
+  link's path, so its output still lands inside the output root); directory loops are survived;
+* directories to prune (the output and state directories) are never entered, so outputs are
+  never rediscovered as inputs;
+* it streams: only the current directory listing and two sets of integers are held in memory.
+
+Item identity is ``<source as written>:<path relative to the source root>`` so it does not
+depend on the machine the job runs on.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from wcmatch import glob as wcglob
+
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp",  # sent as they are
+    ".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif", ".avif",  # converted before sending
+})
+_GLOB_FLAGS = wcglob.GLOBSTAR | wcglob.IGNORECASE | wcglob.BRACE
+
+
+class EntryKind(StrEnum):
+    FILE = "file"
+    NOT_REGULAR = "not_regular"  # a FIFO, socket or device named like an image
+
+
+@dataclass(frozen=True)
+class SourceRoot:
+    """One manifest source: the directory walked and, for a glob, the pattern under it."""
+
+    spec: str  # as written in the manifest: part of every item key
+    root: Path
+    pattern: str | None = None  # relative glob; None means every image below root
+    single_file: bool = False
+
+    def path_of(self, relpath: str) -> Path:
+        """Where an item of this source lives on this machine."""
+        return self.root if self.single_file else self.root / relpath
+
+
+@dataclass(frozen=True)
+class Found:
+    """One discovered file, with the cheap fingerprint (size and mtime) from its stat."""
+
+    source: str
+    relpath: str  # POSIX, relative to the source root
+    path: Path
+    size: int
+    mtime_ns: int
+    kind: EntryKind = EntryKind.FILE
+
+    @property
+    def key(self) -> str:
+        return f"{self.source}:{self.relpath}"
+
+
+def parse_source(spec: str, base_dir: Path) -> SourceRoot:
+    """Split a source into its walk root and glob pattern; relative paths use ``base_dir``."""
+    path = Path(os.path.expanduser(spec))
+    path = Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
+    parts = path.parts
+    magic_at = next((i for i, part in enumerate(parts) if wcglob.is_magic(part, flags=_GLOB_FLAGS)), None)
+    if magic_at is None:
+        return SourceRoot(spec, path, None, single_file=path.is_file())
+    return SourceRoot(spec, Path(*parts[:magic_at]), "/".join(parts[magic_at:]))
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+class Discovery:
+    """Walks the sources; ``errors`` collects (path, message) for directories it could not read."""
+
+    def __init__(self, roots: Iterable[SourceRoot], exclude: Iterable[str] = (),
+                 prune: Iterable[Path] = (), on_error: Callable[[str, str], None] | None = None,
+                 base_dir: Path | None = None) -> None:
+        self.roots = tuple(roots)
+        self.base_dir = base_dir
+        self.exclude = tuple(exclude)
+        self._prune = {_identity(p) for p in prune if p.exists()}
+        self._on_error = on_error or (lambda path, msg: None)
+        self._seen_files: set[tuple[int, int]] = set()
+
+    def __iter__(self) -> Iterator[Found]:
+        for root in self.roots:
+            if root.single_file:
+                found = self._consider(root, root.root, root.root.name)
+                if found:
+                    yield found
+                continue
+            yield from self._walk(root)
+
+    def _walk(self, root: SourceRoot) -> Iterator[Found]:
+        # Iterative DFS over sorted names; visited directories are tracked per source so a
+        # symlink loop ends, while a second source may still walk a shared directory.
+        visited: set[tuple[int, int]] = set()
+        stack: list[tuple[Path, str]] = [(root.root, "")]
+        while stack:
+            directory, rel = stack.pop()
+            try:
+                ident = _identity(directory)
+            except OSError as exc:
+                self._on_error(str(directory), exc.strerror or str(exc))
+                continue
+            if ident in visited or ident in self._prune:
+                continue
+            visited.add(ident)
+            subdirs, files = self._list(directory)
+            for name in files:
+                found = self._consider(root, directory / name, f"{rel}{name}")
+                if found:
+                    yield found
+            stack.extend((directory / name, f"{rel}{name}/") for name in reversed(subdirs))
+
+    def _list(self, directory: Path) -> tuple[list[str], list[str]]:
+        subdirs: list[str] = []
+        files: list[str] = []
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        is_dir = entry.is_dir()  # follows symlinks
+                    except OSError:
+                        is_dir = False
+                    (subdirs if is_dir else files).append(entry.name)
+        except OSError as exc:
+            self._on_error(str(directory), exc.strerror or str(exc))
+        return sorted(subdirs), sorted(files)
+
+    def _consider(self, root: SourceRoot, path: Path, relpath: str) -> Found | None:
+        if not is_image_name(relpath) or self._excluded(path, relpath):
+            return None
+        if root.pattern is not None and not wcglob.globmatch(relpath, root.pattern, flags=_GLOB_FLAGS):
+            return None
+        try:
+            st = path.stat()
+        except OSError as exc:  # a dangling link, or a file deleted while we walk
+            self._on_error(str(path), exc.strerror or str(exc))
+            return None
+        ident = (st.st_dev, st.st_ino)
+        if ident in self._seen_files:
+            return None
+        self._seen_files.add(ident)
+        kind = EntryKind.FILE if stat.S_ISREG(st.st_mode) else EntryKind.NOT_REGULAR
+        return Found(root.spec, relpath, path, st.st_size, st.st_mtime_ns, kind)
+
+    def _excluded(self, path: Path, relpath: str) -> bool:
+        """Excludes match the path below the source root or below the manifest's directory."""
+        if not self.exclude:
+            return False
+        candidates = [relpath]
+        if self.base_dir is not None:
+            candidates.append(os.path.relpath(path, self.base_dir).replace(os.sep, "/"))
+        return any(wcglob.globmatch(c, list(self.exclude), flags=_GLOB_FLAGS) for c in candidates)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino

@@ -1,0 +1,42 @@
+"""``python -m batch_upscaler.emulator``: run the emulator in the foreground (a manual/demo aid)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from batch_upscaler.emulator.faults import FaultKind
+from batch_upscaler.emulator.host import run_forever
+from batch_upscaler.emulator.settings import EmulatorConfig
+
+
+def parse_config(argv: Sequence[str] | None = None) -> EmulatorConfig:
+    parser = argparse.ArgumentParser(prog="python -m batch_upscaler.emulator", description=__doc__)
+    parser.add_argument("--port", type=int, default=0, help="0 = any free port (default)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
+    parser.add_argument("--quota-rpm", type=float, default=None, help="requests per minute per model")
+    parser.add_argument("--quota-burst", type=int, default=1)
+    parser.add_argument("--output-max-pixels", type=int, default=None)
+    parser.add_argument("--fault-rates", type=json.loads, default={},
+                        help='JSON object, e.g. \'{"throttle": 0.1, "internal_error": 0.02}\'')
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slow", type=float, default=30.0, help="seconds a SLOW fault stalls")
+    parser.add_argument("--log", type=Path, default=None, help="JSON-lines request log file")
+    parser.add_argument("--deny-access", action="store_true")
+    args = parser.parse_args(argv)
+    return EmulatorConfig(
+        port=args.port, latency_s=args.latency, quota_rpm=args.quota_rpm, quota_burst=args.quota_burst,
+        output_max_pixels=args.output_max_pixels, seed=args.seed, slow_s=args.slow,
+        fault_rates={FaultKind(name): float(rate) for name, rate in args.fault_rates.items()},
+        request_log_path=args.log, deny_access=args.deny_access,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_forever(parse_config(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The emulator's configuration: one frozen value that says how it listens, fails and answers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from batch_upscaler.catalogue import BUILTIN, ModelName, ModelSpec
+from batch_upscaler.emulator.faults import FaultKind
+
+
+def _builtin_catalogue() -> Mapping[ModelName, ModelSpec]:
+    return BUILTIN
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """How the emulator behaves. Every field has a default that gives a well-behaved fake Bedrock.
+
+    ``faults_by_image`` keys are sha256 hex of the decoded image bytes (see ``faults.image_key``);
+    the n-th request carrying that image gets the n-th fault. ``fault_rates`` are independent
+    per-request probabilities drawn from ``random.Random(seed)``. Fault names may be given as
+    strings (e.g. from a JSON file); they are turned into :class:`FaultKind` here.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = ephemeral; read the real one back from the running server
+    latency_s: float = 0.0  # added to every answer the "model" produces
+    quota_rpm: float | None = None  # None = unlimited
+    quota_burst: int = 1
+    output_max_pixels: int | None = None  # cap keeping aspect; None = the catalogue's size
+    png_compress_level: int = 1
+    faults_by_image: Mapping[str, tuple[FaultKind, ...]] = field(default_factory=dict)
+    fault_rates: Mapping[FaultKind, float] = field(default_factory=dict)
+    seed: int = 0
+    slow_s: float = 30.0
+    request_log_path: Path | None = None
+    deny_access: bool = False
+    catalogue: Mapping[ModelName, ModelSpec] = field(default_factory=_builtin_catalogue)
+
+    def __post_init__(self) -> None:
+        scripts = {str(key).lower(): tuple(FaultKind(k) for k in kinds)
+                   for key, kinds in self.faults_by_image.items()}
+        rates = {FaultKind(kind): float(rate) for kind, rate in self.fault_rates.items()}
+        # Read-only views: the config is shared between threads and must not change under them.
+        object.__setattr__(self, "faults_by_image", MappingProxyType(scripts))
+        object.__setattr__(self, "fault_rates", MappingProxyType(rates))
+        if self.request_log_path is not None:
+            object.__setattr__(self, "request_log_path", Path(self.request_log_path))
+        problems = _problems(self)
+        if problems:
+            raise ValueError("invalid EmulatorConfig: " + "; ".join(problems))
+
+
+def _problems(config: EmulatorConfig) -> list[str]:
+    checks = [
+        (0 <= config.port <= 65535, f"port {config.port} not in 0..65535"),
+        (config.latency_s >= 0, f"latency_s {config.latency_s} < 0"),
+        (config.slow_s >= 0, f"slow_s {config.slow_s} < 0"),
+        (config.quota_rpm is None or config.quota_rpm > 0, f"quota_rpm {config.quota_rpm} must be > 0"),
+        (config.quota_burst >= 1, f"quota_burst {config.quota_burst} < 1"),
+        (config.output_max_pixels is None or config.output_max_pixels >= 1,
+         f"output_max_pixels {config.output_max_pixels} < 1"),
+        (0 <= config.png_compress_level <= 9, f"png_compress_level {config.png_compress_level} not in 0..9"),
+        (FaultKind.NONE not in config.fault_rates, "fault_rates cannot give a rate for NONE"),
+    ]
+    problems = [message for ok, message in checks if not ok]
+    problems += [f"fault_rates[{kind}] = {rate} not in 0..1"
+                 for kind, rate in config.fault_rates.items() if not 0.0 <= rate <= 1.0]
+    return problems

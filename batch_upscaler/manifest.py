@@ -1,0 +1,296 @@
+"""Load and validate manifests and config/ files, and merge the layers into one JobSettings.
+
+Precedence, highest first: command-line flags > manifest > config/ file > built-in defaults
+(:data:`BUILTIN_DEFAULTS`, so an installed package works without the repo). Each layer is
+validated on its own, so an error names the file *and* the key path
+(``limits.concurrency: must be ≥ 1, got 0``); every problem is reported, not just the first.
+YAML is read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from batch_upscaler.catalogue import BUILTIN, ModelName, ModelOverride, apply_override, check_params
+from batch_upscaler.errors import ManifestError
+from batch_upscaler.settings import Backend, EmulatorSettings, JobSettings, Limits, OutputFormat
+
+Check = Callable[[Any], str | None]
+
+# Deployment defaults; config/batch-upscaler.yaml in the repo documents and may override them.
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "backend": "bedrock",
+    "output": {"format": "png"},
+    "bedrock": {"region": "us-east-1", "endpoint_url": None, "profile": None},
+    "limits": {"concurrency": 4, "requests_per_minute": 30, "max_attempts": 6,
+               "read_timeout_s": 300, "connect_timeout_s": 10, "backoff_base_s": 2, "backoff_max_s": 60},
+    "region_prefixes": {"us-east-1": "us", "us-east-2": "us", "us-west-2": "us"},
+    "models": {},
+    "emulator": {"output_max_pixels": None, "latency_s": 0, "quota_rpm": None},
+}
+
+
+@dataclass(frozen=True)
+class Key:
+    """A schema node: a leaf with a check, or a section with children."""
+
+    check: Check | None = None
+    required: bool = False
+    children: Mapping[str, Key] | None = None
+    any_keys: Key | None = None  # a section whose keys are free-form, each value checked by this
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def is_str(value: Any) -> str | None:
+    return None if isinstance(value, str) and value.strip() else f"must be a non-empty string, got {_type_name(value)}"
+
+
+def optional(check: Check) -> Check:
+    return lambda v: None if v is None else check(v)
+
+
+def number(low: float | None = None, high: float | None = None, *, whole: bool = False,
+           above: float | None = None) -> Check:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            return f"must be a {'whole ' if whole else ''}number, got {_type_name(v)} {v!r}"
+        if whole and not float(v).is_integer():
+            return f"must be a whole number, got {v}"
+        if low is not None and v < low:
+            return f"must be ≥ {low:g}, got {v:g}"
+        if high is not None and v > high:
+            return f"must be ≤ {high:g}, got {v:g}"
+        if above is not None and v <= above:
+            return f"must be > {above:g}, got {v:g}"
+        return None
+    return check
+
+
+def choice(*values: str) -> Check:
+    return lambda v: None if v in values else f"must be one of {', '.join(values)}, got {v!r}"
+
+
+def str_list(*, non_empty: bool) -> Check:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, list) or (non_empty and not v):
+            return f"must be a {'non-empty ' if non_empty else ''}list of strings, got {_type_name(v)}"
+        bad = [i for i, item in enumerate(v) if is_str(item)]
+        return f"item {bad[0]} must be a non-empty string, got {_type_name(v[bad[0]])}" if bad else None
+    return check
+
+
+def job_name(v: Any) -> str | None:
+    if isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
+        return None
+    return f"must be 1-64 letters, digits, '.', '_' or '-' (it names files), got {v!r}"
+
+
+def url(v: Any) -> str | None:
+    if isinstance(v, str) and re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
+        return None
+    return f"must be an http(s) URL, got {v!r}"
+
+
+_LIMITS = {
+    "concurrency": Key(number(1, 512, whole=True)),
+    "requests_per_minute": Key(number(above=0)),
+    "max_attempts": Key(number(1, 50, whole=True)),
+    "read_timeout_s": Key(number(above=0)),
+    "connect_timeout_s": Key(number(above=0)),
+    "backoff_base_s": Key(number(0)),
+    "backoff_max_s": Key(number(0)),
+}
+_BEDROCK = {"region": Key(is_str), "endpoint_url": Key(optional(url)), "profile": Key(optional(is_str))}
+_EMULATOR = {
+    "output_max_pixels": Key(optional(number(1, whole=True))),
+    "latency_s": Key(number(0)),
+    "quota_rpm": Key(optional(number(above=0))),
+}
+_MODEL_PARAMS = ("prompt", "negative_prompt", "seed", "creativity", "style_preset")
+
+MANIFEST_SCHEMA: Mapping[str, Key] = {
+    "version": Key(lambda v: None if v == 1 and not isinstance(v, bool) else f"must be 1, got {v!r}",
+                   required=True),
+    "name": Key(job_name, required=True),
+    "sources": Key(str_list(non_empty=True), required=True),
+    "exclude": Key(str_list(non_empty=False)),
+    "output": Key(required=True, children={"dir": Key(is_str, required=True),
+                                           "format": Key(choice(*OutputFormat))}),
+    # Parameter values are checked against the model catalogue after merging (see _check_model).
+    "model": Key(required=True, children={"name": Key(choice(*ModelName), required=True),
+                                          **{p: Key() for p in _MODEL_PARAMS}}),
+    "backend": Key(choice(*Backend)),
+    "bedrock": Key(children=_BEDROCK),
+    "limits": Key(children=_LIMITS),
+    "emulator": Key(children=_EMULATOR),
+    "state_dir": Key(optional(is_str)),
+    "report_dir": Key(optional(is_str)),
+}
+_OVERRIDE = {"max_pixels": Key(number(1, whole=True)), "creativity_min": Key(number(0, 1)),
+             "price_usd": Key(number(0))}
+CONFIG_SCHEMA: Mapping[str, Key] = {
+    "backend": Key(choice(*Backend)),
+    "bedrock": Key(children=_BEDROCK),
+    "limits": Key(children=_LIMITS),
+    "emulator": Key(children=_EMULATOR),
+    "region_prefixes": Key(any_keys=Key(is_str)),
+    "models": Key(children={m.value: Key(children=_OVERRIDE) for m in ModelName}),
+}
+
+
+def validate(doc: Any, schema: Mapping[str, Key], path: str = "") -> list[str]:
+    """Every problem in ``doc`` against ``schema``, each prefixed with its key path."""
+    where = path or "(top level)"
+    if not isinstance(doc, dict):
+        return [f"{where}: must be a mapping, got {_type_name(doc)}"]
+    problems = [f"{_join(path, str(k))}: unknown key" for k in doc if k not in schema]
+    for name, key in schema.items():
+        if name not in doc:
+            if key.required:
+                problems.append(f"{_join(path, name)}: is required")
+            continue
+        problems += _validate_key(doc[name], key, _join(path, name))
+    return problems
+
+
+def _validate_key(value: Any, key: Key, path: str) -> list[str]:
+    if key.children is not None:
+        return validate(value, key.children, path)
+    if key.any_keys is not None:
+        if not isinstance(value, dict):
+            return [f"{path}: must be a mapping, got {_type_name(value)}"]
+        return [p for k, v in value.items() for p in _validate_key(v, key.any_keys, _join(path, str(k)))]
+    problem = key.check(value) if key.check else None
+    return [f"{path}: {problem}"] if problem else []
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def load_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML file safely; unreadable or malformed files are a ManifestError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(str(path), [f"cannot read {what}: {exc}"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        detail = str(exc).replace("\n", " ")
+        raise ManifestError(str(path), [f"not valid YAML (or uses tags that build objects): {detail}"]) from None
+
+
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``; nested mappings merge key by key, everything else is replaced."""
+    merged = dict(base)
+    for k, v in top.items():
+        merged[k] = deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The raw layers before merging, each already validated against its schema."""
+
+    manifest_path: Path
+    manifest: Mapping[str, Any]
+    config: Mapping[str, Any] = field(default_factory=dict)
+    flags: Mapping[str, Any] = field(default_factory=dict)
+
+
+def read_layers(manifest_path: Path, config_path: Path | None, flags: Mapping[str, Any]) -> Layers:
+    """Read and validate the manifest, the optional config file and the flag overrides."""
+    manifest = load_yaml(manifest_path, "manifest")
+    problems = validate(manifest, MANIFEST_SCHEMA)
+    if problems:
+        raise ManifestError(str(manifest_path), problems)
+    config: Any = {}
+    if config_path is not None:
+        config = load_yaml(config_path, "config file") or {}
+        problems = validate(config, CONFIG_SCHEMA)
+        if problems:
+            raise ManifestError(str(config_path), problems)
+    problems = validate(dict(flags), dict(MANIFEST_SCHEMA) | {"version": Key(), "name": Key(),
+                                                        "sources": Key(), "output": Key(), "model": Key()})
+    if problems:
+        raise ManifestError("command line", problems)
+    return Layers(manifest_path, manifest, config, flags)
+
+
+def build_settings(layers: Layers) -> JobSettings:
+    """Merge flags > manifest > config > built-ins into one validated JobSettings."""
+    merged = deep_merge(deep_merge(deep_merge(BUILTIN_DEFAULTS, layers.config), layers.manifest), layers.flags)
+    where = str(layers.manifest_path)
+    spec = apply_override(BUILTIN[ModelName(merged["model"]["name"])],
+                          ModelOverride(**merged["models"].get(merged["model"]["name"], {})))
+    params = {k: v for k, v in merged["model"].items() if k != "name"}
+    params["output_format"] = merged["output"]["format"]
+    problems = [f"model.{name}: {why}" if name != "output_format" else f"output.format: {why}"
+                for name, why in check_params(spec, params)]
+    region = merged["bedrock"]["region"]
+    prefix = merged["region_prefixes"].get(region)
+    if prefix is None:
+        problems.append(f"bedrock.region: no inference-profile prefix is known for {region!r}; "
+                        "add it under region_prefixes in the config file")
+    if problems:
+        raise ManifestError(where, problems)
+    return _assemble(layers.manifest_path, merged, spec, params, prefix)
+
+
+def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: dict[str, Any],
+              prefix: str | None) -> JobSettings:
+    base_dir = manifest_path.resolve().parent
+    state_dir = _resolve(base_dir, merged.get("state_dir") or ".batch-upscaler")
+    # The default keeps jobs that share a state_dir apart; an explicit report_dir is used as is.
+    report_dir = (_resolve(base_dir, merged["report_dir"]) if merged.get("report_dir")
+                  else state_dir / "reports" / merged["name"])
+    lim = merged["limits"]
+    limits = Limits(concurrency=int(lim["concurrency"]), requests_per_minute=float(lim["requests_per_minute"]),
+                    max_attempts=int(lim["max_attempts"]), read_timeout_s=float(lim["read_timeout_s"]),
+                    connect_timeout_s=float(lim["connect_timeout_s"]), backoff_base_s=float(lim["backoff_base_s"]),
+                    backoff_max_s=float(lim["backoff_max_s"]))
+    return JobSettings(
+        name=merged["name"],
+        manifest_path=manifest_path.resolve(),
+        base_dir=base_dir,
+        sources=tuple(merged["sources"]),
+        exclude=tuple(merged.get("exclude") or ()),
+        output_dir=_resolve(base_dir, merged["output"]["dir"]),
+        output_format=OutputFormat(merged["output"]["format"]),
+        model=spec,
+        model_id=spec.profile_id(prefix),
+        params=params,
+        backend=Backend(merged["backend"]),
+        region=merged["bedrock"]["region"],
+        endpoint_url=merged["bedrock"]["endpoint_url"],
+        profile=merged["bedrock"]["profile"],
+        limits=limits,
+        state_dir=state_dir,
+        report_dir=report_dir,
+        emulator=EmulatorSettings(**merged["emulator"]),
+    )
+
+
+def _resolve(base_dir: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
+
+
+def load_settings(manifest_path: Path, config_path: Path | None = None,
+                  flags: Mapping[str, Any] | None = None) -> JobSettings:
+    """The one entry point: read every layer, validate, merge and resolve."""
+    if not manifest_path.is_file():
+        raise ManifestError(str(manifest_path), ["manifest file not found"])
+    return build_settings(read_layers(manifest_path, config_path, flags or {}))

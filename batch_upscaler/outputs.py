@@ -1,0 +1,101 @@
+"""Where outputs go: path mapping inside the output root and atomic, durable writes.
+
+This is the file-access edge for outputs (a future S3 store implements the same
+:class:`OutputStore` protocol). Writes go to a staging directory inside the output root (same
+filesystem, so the final ``os.replace`` is atomic), are fsynced, then renamed into place: a
+reader, or a run resumed after ``kill -9``, sees either no file or the whole file. The staging
+directory is hidden, so discovery never mistakes its contents for inputs, and it is emptied at the
+start of every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+STAGING_DIR = ".batch-upscaler-tmp"
+
+
+class OutputPathError(ValueError):
+    """A rendered output path would leave the output root."""
+
+
+def output_relpath(source_relpath: str, extension: str) -> str:
+    """The output's path relative to the output root: the source's, with the new extension."""
+    stem, _ = posixpath.splitext(source_relpath)
+    rel = PurePosixPath(stem + extension)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise OutputPathError(f"output path {rel} would leave the output root")
+    return rel.as_posix()
+
+
+class OutputStore(Protocol):
+    def exists(self, relpath: str, size: int | None) -> bool: ...
+    def write_atomic(self, relpath: str, data: bytes) -> int: ...
+    def clean_staging(self) -> int: ...
+
+
+class LocalOutputStore:
+    """Outputs in a local directory tree."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path_of(self, relpath: str) -> Path:
+        target = self.root / relpath
+        # A symlinked directory inside the output tree must not carry a write elsewhere.
+        real_root = os.path.realpath(self.root)
+        real_parent = os.path.realpath(target.parent)
+        if os.path.commonpath([real_root, real_parent]) != real_root:
+            raise OutputPathError(f"{relpath}: resolves outside the output root {self.root}")
+        return target
+
+    def exists(self, relpath: str, size: int | None) -> bool:
+        try:
+            st = (self.root / relpath).stat()
+        except OSError:
+            return False
+        return size is None or st.st_size == size
+
+    def write_atomic(self, relpath: str, data: bytes) -> int:
+        """Write ``data`` to ``relpath`` so it appears complete or not at all; returns its size."""
+        staging = self.root / STAGING_DIR
+        staging.mkdir(parents=True, exist_ok=True)
+        target = self.path_of(relpath)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=staging, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(target.parent)  # the rename itself must survive power loss
+        return len(data)
+
+    def clean_staging(self) -> int:
+        """Remove leftovers of writes a crash interrupted; returns how many were removed."""
+        staging = self.root / STAGING_DIR
+        if not staging.is_dir():
+            return 0
+        count = sum(1 for _ in staging.iterdir())
+        shutil.rmtree(staging, ignore_errors=True)
+        return count
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,177 @@
+"""The worker pool stage: pending items → rate-limited InvokeModel attempts → atomic outputs → checkpoint.
+
+Structured concurrency: one TaskGroup holds a producer (pages pending items out of the
+checkpoint into a bounded queue) and ``concurrency`` workers. The concurrency cap (number of
+workers) and the rate limiter are separate dials. Each item moves through the checkpoint's
+state machine; a worker that is cancelled or stopped mid-item puts it back to pending, so the
+checkpoint is consistent at any instant. A fatal backend error (credentials, model access) ends
+the group at once, leaving every unfinished item pending.
+
+Stopping: when ``stop`` is set (first Ctrl-C/SIGTERM, or a cap), no new item starts and items in
+back-off are released; requests already in flight finish and are recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+from batch_upscaler.checkpoint import Checkpoint, ItemState, WorkItem
+from batch_upscaler.clock import Clock
+from batch_upscaler.discovery import SourceRoot
+from batch_upscaler.errors import FatalBackendError
+from batch_upscaler.outputs import OutputPathError, OutputStore
+from batch_upscaler.payload import Payload, PayloadError, prepare
+from batch_upscaler.probe import SENDABLE_AS_IS
+from batch_upscaler.ratelimit import RateLimiter
+from batch_upscaler.retry import Action, AttemptError, Backoff, decide
+from batch_upscaler.settings import JobSettings
+
+log = logging.getLogger(__name__)
+_PAGE = 256
+
+
+class Invoker(Protocol):
+    async def invoke(self, body: bytes) -> bytes | AttemptError: ...
+
+
+@dataclass
+class PoolStats:
+    requests: int = 0
+    throttles: int = 0
+    started: int = 0
+
+
+class WorkerPool:
+    def __init__(self, *, settings: JobSettings, checkpoint: Checkpoint, invoker: Invoker,
+                 outputs: OutputStore, sources: Mapping[str, SourceRoot], limiter: RateLimiter,
+                 clock: Clock, rng: random.Random, stop: asyncio.Event,
+                 on_done: Callable[[ItemState], None] = lambda state: None, limit: int | None = None) -> None:
+        self.settings = settings
+        self.checkpoint = checkpoint
+        self.invoker = invoker
+        self.outputs = outputs
+        self.sources = sources
+        self.limiter = limiter
+        self.clock = clock
+        self.rng = rng
+        self.stop = stop
+        self.on_done = on_done
+        self.limit = limit
+        self.backoff = Backoff(settings.limits.backoff_base_s, settings.limits.backoff_max_s)
+        self.stats = PoolStats()
+
+    async def run(self) -> PoolStats:
+        """Process pending items until none is left, the limit is reached, or ``stop`` is set."""
+        workers = self.settings.limits.concurrency
+        queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=2 * workers)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._produce(queue, workers))
+            for _ in range(workers):
+                group.create_task(self._work(queue))
+        return self.stats
+
+    async def _produce(self, queue: asyncio.Queue[WorkItem | None], workers: int) -> None:
+        after = 0
+        while not self.stop.is_set():
+            page = self.checkpoint.pending(after, _PAGE)
+            if not page:
+                break
+            for item in page:
+                if self.stop.is_set() or (self.limit is not None and self.stats.started >= self.limit):
+                    break
+                await queue.put(item)
+                self.stats.started += 1
+                after = item.seq
+            else:
+                continue
+            break
+        for _ in range(workers):
+            await queue.put(None)
+
+    async def _work(self, queue: asyncio.Queue[WorkItem | None]) -> None:
+        while (item := await queue.get()) is not None:
+            if not self.stop.is_set():  # when draining, queued items simply stay pending
+                await self._process(item)
+
+    async def _process(self, item: WorkItem) -> None:
+        self.checkpoint.start(item.key)
+        finished = False
+        try:
+            state = await self._run_item(item)
+            finished = state is not None
+            if state is not None:
+                self.on_done(state)
+        finally:
+            if not finished:  # cancelled, stopped in back-off, or a fatal error elsewhere
+                self.checkpoint.release(item.key)
+
+    async def _run_item(self, item: WorkItem) -> ItemState | None:
+        """Drive one item to succeeded/failed; None means it was released unfinished."""
+        path = self.sources[item.source].path_of(item.relpath)
+        sendable = item.format in SENDABLE_AS_IS
+        try:
+            payload = await asyncio.to_thread(prepare, path, item.size, sendable, self.settings.params)
+        except PayloadError as exc:
+            return self._fail(item, exc.code, str(exc))
+        self.checkpoint.record_content_hash(item.key, payload.content_sha256)
+        result = await self._attempts(item, payload)
+        if result is None:
+            return None
+        if isinstance(result, AttemptError):
+            return self._fail(item, result.code, f"{result.code}: {result.message}")
+        return await self._store(item, result)
+
+    async def _attempts(self, item: WorkItem, payload: Payload) -> bytes | AttemptError | None:
+        for attempt in itertools.count(1):
+            await self.limiter.acquire()
+            self.checkpoint.count_attempt(item.key)
+            self.stats.requests += 1
+            result = await self.invoker.invoke(payload.body)
+            if isinstance(result, bytes):
+                self.limiter.on_success()
+                return result
+            decision = decide(result, attempt, self.settings.limits.max_attempts, self.backoff, self.rng)
+            if decision.throttling:
+                self.stats.throttles += 1
+                self.checkpoint.count_throttle(item.key)
+                self.limiter.on_throttle(result.retry_after_s)
+            if decision.action is Action.FATAL:
+                raise FatalBackendError(f"{result.code}: {result.message} (model {self.settings.model_id})")
+            if decision.action is Action.FAIL:
+                return result
+            log.debug("retrying %s after %s (attempt %d)", item.relpath, result.code, attempt)
+            if self.stop.is_set():
+                return None
+            await self.clock.sleep(decision.delay_s)
+        raise AssertionError("unreachable")
+
+    async def _store(self, item: WorkItem, image: bytes) -> ItemState:
+        try:
+            written = await asyncio.to_thread(self.outputs.write_atomic, item.output_path, image)
+        except (OSError, OutputPathError) as exc:
+            return self._fail(item, "output_write_failed", f"output_write_failed: {item.output_path}: {exc}")
+        self.checkpoint.succeed(item.key, written, image_size(image))
+        return ItemState.SUCCEEDED
+
+    def _fail(self, item: WorkItem, code: str, message: str) -> ItemState:
+        self.checkpoint.fail(item.key, code, message)
+        log.warning("failed %s: %s", item.key, message)
+        return ItemState.FAILED
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from an encoded image's header (no decode)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.width, im.height
+    except (OSError, ValueError, SyntaxError):
+        return None

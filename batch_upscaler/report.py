@@ -1,0 +1,200 @@
+"""The report stage: report.json, report.md and items.csv, written from the checkpoint alone.
+
+Because it reads only the checkpoint, the report is the same whether it is written at the end of
+a run, after an interruption, or later by ``batch-upscaler report``. Items are streamed into
+report.json and items.csv (a 100k-item job never holds its items in memory); every file is
+written to a temporary name and renamed, so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from batch_upscaler.checkpoint import Checkpoint, ItemState
+from batch_upscaler.discovery import parse_source
+from batch_upscaler.settings import JobSettings
+
+CSV_COLUMNS = ("source", "output", "status", "input_width", "input_height", "output_width", "output_height",
+               "scale_factor", "attempts", "throttles", "error_code", "error_message")
+_MD_LIST_LIMIT = 50
+
+
+@dataclass
+class Summary:
+    """Aggregates of the checkpoint, computed in one pass before items are streamed."""
+
+    totals: dict[str, int] = field(default_factory=dict)
+    scale_factors: list[float] = field(default_factory=list)
+    # reason -> (count, first few file names): bounded however many items share a reason
+    failures: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    skips: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    reason_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    attempts: int = 0
+    throttled_attempts: int = 0
+
+    def scale_stats(self) -> dict[str, float | None]:
+        values = self.scale_factors
+        if not values:
+            return {"min": None, "median": None, "max": None, "mean": None}
+        return {"min": round(min(values), 4), "median": round(statistics.median(values), 4),
+                "max": round(max(values), 4), "mean": round(statistics.fmean(values), 4)}
+
+
+class ReportWriter:
+    def __init__(self, settings: JobSettings, checkpoint: Checkpoint) -> None:
+        self.settings = settings
+        self.checkpoint = checkpoint
+        self._roots = {spec: parse_source(spec, settings.base_dir) for spec in settings.sources}
+
+    def write(self) -> Path:
+        """Write all three files into the report directory; returns that directory."""
+        summary = self._summarise()
+        header = self._header(summary)
+        directory = self.settings.report_dir
+        directory.mkdir(parents=True, exist_ok=True)
+        with _atomic(directory / "report.json") as js, _atomic(directory / "items.csv") as cs:
+            self._stream_items(header, js, cs)
+        with _atomic(directory / "report.md") as md:
+            md.write(render_markdown(header, summary))
+        return directory
+
+    def _summarise(self) -> Summary:
+        summary = Summary(totals={s.value: n for s, n in self.checkpoint.counts().items()})
+        for row in self.checkpoint.items():
+            summary.attempts += row["attempts"]
+            summary.throttled_attempts += row["throttles"]
+            factor = _scale_factor(row)
+            if factor is not None:
+                summary.scale_factors.append(factor)
+            bucket = {"failed": summary.failures, "skipped": summary.skips}.get(row["state"])
+            if bucket is not None:
+                reason = row["error_code"] or "unknown"
+                reason_key = f"{row['state']}:{reason}"
+                summary.reason_counts[reason_key] += 1
+                if len(bucket[reason]) < _MD_LIST_LIMIT:
+                    bucket[reason].append(self._source_display(row))
+        summary.totals["discovered"] = sum(summary.totals.values())
+        return summary
+
+    def _header(self, summary: Summary) -> dict[str, Any]:
+        runs = self.checkpoint.runs()
+        last = runs[-1] if runs else {}
+        return {
+            "job": self.settings.name,
+            "model": self.settings.model.name.value,
+            "model_id": self.settings.model_id,
+            "backend": self.settings.backend.value,
+            "started_at": _iso(last.get("started_at")),
+            "finished_at": _iso(last.get("finished_at")),
+            "totals": {k: summary.totals.get(k, 0) for k in
+                       ("discovered", "succeeded", "failed", "skipped", "pending", "in_progress")},
+            "requests": summary.attempts,
+            "throttled_attempts": summary.throttled_attempts,
+            # Throttled attempts never reached the model; every other attempt may have been billed.
+            "estimated_cost_usd": round((summary.attempts - summary.throttled_attempts)
+                                        * self.settings.model.price_usd, 2),
+            "scale_factor": summary.scale_stats(),
+            "failures_by_reason": {k: summary.reason_counts[f"failed:{k}"] for k in sorted(summary.failures)},
+            "skips_by_reason": {k: summary.reason_counts[f"skipped:{k}"] for k in sorted(summary.skips)},
+            "runs": len(runs),
+        }
+
+    def _stream_items(self, header: dict[str, Any], js: IO[str], cs: IO[str]) -> None:
+        js.write(json.dumps(header, indent=2)[:-2] + ',\n  "items": [')
+        table = csv.writer(cs)
+        table.writerow(CSV_COLUMNS)
+        for n, row in enumerate(self.checkpoint.items()):
+            item = self._item(row)
+            js.write(("," if n else "") + "\n    " + json.dumps(item, ensure_ascii=False))
+            table.writerow([item["source"], item["output"], item["status"], *(item["input_size"] or [None, None]),
+                            *(item["output_size"] or [None, None]), item["scale_factor"], item["attempts"],
+                            item["throttles"], item["error_code"], item["error_message"]])
+        js.write("\n  ]\n}\n")
+
+    def _item(self, row: dict[str, Any]) -> dict[str, Any]:
+        succeeded = row["state"] == ItemState.SUCCEEDED
+        return {
+            "source": self._source_display(row),
+            "output": str(self.settings.output_dir / row["output_path"]) if succeeded else None,
+            "status": row["state"],
+            "input_size": [row["width"], row["height"]] if row["width"] else None,
+            "output_size": [row["output_width"], row["output_height"]] if row["output_width"] else None,
+            "scale_factor": _scale_factor(row),
+            "attempts": row["attempts"],
+            "throttles": row["throttles"],
+            "error_code": row["error_code"],
+            "error_message": row["error_message"],
+        }
+
+    def _source_display(self, row: dict[str, Any]) -> str:
+        root = self._roots.get(row["source"])
+        if root is None:
+            return f"{row['source']}:{row['relpath']}"
+        path = root.path_of(row["relpath"])
+        try:
+            return path.relative_to(self.settings.base_dir).as_posix()
+        except ValueError:
+            return str(path)
+
+
+def _scale_factor(row: dict[str, Any]) -> float | None:
+    if row["state"] != ItemState.SUCCEEDED or not row["width"] or not row["output_width"]:
+        return None
+    return round(float(row["output_width"]) / float(row["width"]), 4)
+
+
+def render_markdown(header: dict[str, Any], summary: Summary) -> str:
+    t = header["totals"]
+    out = io.StringIO()
+    out.write(f"# Upscale report: {header['job']}\n\n")
+    out.write(f"Model **{header['model']}** (`{header['model_id']}`) via {header['backend']}; "
+              f"last run {header['started_at']} → {header['finished_at']}.\n\n")
+    out.write("| discovered | succeeded | failed | skipped | pending | requests | throttled | est. cost |\n")
+    out.write("|---|---|---|---|---|---|---|---|\n")
+    out.write(f"| {t['discovered']} | {t['succeeded']} | {t['failed']} | {t['skipped']} | "
+              f"{t['pending'] + t['in_progress']} | {header['requests']} | {header['throttled_attempts']} | "
+              f"${header['estimated_cost_usd']:.2f} (estimate) |\n\n")
+    sf = header["scale_factor"]
+    if sf["median"] is not None:
+        out.write(f"Scale factor (output width / input width): min {sf['min']}, median {sf['median']}, "
+                  f"mean {sf['mean']}, max {sf['max']}.\n\n")
+    for title, state, groups in (("Failures", "failed", summary.failures), ("Skipped", "skipped", summary.skips)):
+        if not groups:
+            continue
+        out.write(f"## {title} by reason\n\n")
+        for reason, files in sorted(groups.items()):
+            count = summary.reason_counts[f"{state}:{reason}"]
+            out.write(f"### {reason} ({count})\n\n")
+            out.writelines(f"- `{name}`\n" for name in files)
+            if count > len(files):
+                out.write(f"- … and {count - len(files)} more (see items.csv)\n")
+            out.write("\n")
+    return out.getvalue()
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[IO[str]]:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

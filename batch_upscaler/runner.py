@@ -1,0 +1,183 @@
+"""Runs one job end to end and decides its exit code: lock → checkpoint → scan → worker pool → report.
+
+The only ``asyncio.run`` of a job is here. Signals: the first SIGINT/SIGTERM sets the stop event
+(no new item starts, in-flight requests finish and are recorded); the second cancels the pool at
+once (unfinished items go back to pending). Either way the report is written and the exit code is
+75 while work remains, so the next run resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batch_upscaler.bedrock import BedrockInvoker, ClientSettings, open_client
+from batch_upscaler.checkpoint import Checkpoint, ItemState
+from batch_upscaler.clock import Clock, SystemClock
+from batch_upscaler.discovery import Discovery, SourceRoot, parse_source
+from batch_upscaler.emulator import EmulatorConfig, serve
+from batch_upscaler.errors import ExitCode, FatalBackendError, UsageError
+from batch_upscaler.joblock import JobLock
+from batch_upscaler.outputs import LocalOutputStore
+from batch_upscaler.pool import PoolStats, WorkerPool
+from batch_upscaler.progress import Progress
+from batch_upscaler.ratelimit import RateLimiter
+from batch_upscaler.report import ReportWriter
+from batch_upscaler.scan import Scanner
+from batch_upscaler.settings import Backend, JobSettings, RunOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOutcome:
+    stats: PoolStats = field(default_factory=PoolStats)
+    interrupted: bool = False
+    fatal: FatalBackendError | None = None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: ExitCode
+    counts: Mapping[ItemState, int]
+    requests: int
+    throttles: int
+    report_dir: Path
+
+
+def resolve_sources(settings: JobSettings) -> dict[str, SourceRoot]:
+    """Each source's walk root; a missing one is a usage error naming its manifest key."""
+    roots = {}
+    for i, spec in enumerate(settings.sources):
+        root = parse_source(spec, settings.base_dir)
+        if not root.root.exists():
+            raise UsageError(f"{settings.manifest_path}: sources[{i}]: {root.root} does not exist")
+        roots[spec] = root
+    return roots
+
+
+def run_job(settings: JobSettings, options: RunOptions, clock: Clock | None = None,
+            rng: random.Random | None = None) -> RunResult:
+    with JobLock(settings.lock_path, settings.name):
+        checkpoint = Checkpoint.open(settings.checkpoint_path, settings.name)
+        try:
+            return _run_locked(settings, options, checkpoint, clock or SystemClock(), rng or random.Random())
+        finally:
+            checkpoint.close()
+
+
+def _run_locked(settings: JobSettings, options: RunOptions, checkpoint: Checkpoint, clock: Clock,
+                rng: random.Random) -> RunResult:
+    recovered = checkpoint.recover()
+    if recovered:
+        log.info("%d item(s) left in progress by an earlier run are pending again", recovered)
+    outputs = LocalOutputStore(settings.output_dir)
+    outputs.clean_staging()
+    roots = resolve_sources(settings)
+    discovery = Discovery(roots.values(), settings.exclude, prune=(settings.output_dir, settings.state_dir),
+                          on_error=lambda path, msg: log.warning("cannot read %s: %s", path, msg),
+                          base_dir=settings.base_dir)
+    summary = Scanner(settings, checkpoint, outputs).run(discovery)
+    log.info("scan: %d file(s): %d new, %d changed, %d unchanged%s", summary.discovered, summary.new,
+             summary.changed, summary.unchanged,
+             "".join(f"; {n} {code}" for code, n in sorted(summary.refused.items())))
+    if options.retry_failed:
+        log.info("%d failed item(s) will be retried", checkpoint.retry_failed())
+    run_id = checkpoint.begin_run()
+    outcome = RunOutcome()
+    try:
+        asyncio.run(_execute(settings, options, checkpoint, outputs, roots, outcome, clock, rng))
+    finally:
+        counts = checkpoint.counts()
+        exit_code = exit_code_for(outcome, counts)
+        checkpoint.finish_run(run_id, exit_code, outcome.stats.requests, outcome.stats.throttles)
+        report_dir = ReportWriter(settings, checkpoint).write()
+    if outcome.fatal is not None:
+        raise outcome.fatal
+    log.info("done: %d succeeded, %d failed, %d skipped, %d pending; report in %s",
+             counts[ItemState.SUCCEEDED], counts[ItemState.FAILED], counts[ItemState.SKIPPED],
+             counts[ItemState.PENDING], report_dir)
+    return RunResult(exit_code, counts, outcome.stats.requests, outcome.stats.throttles, report_dir)
+
+
+def exit_code_for(outcome: RunOutcome, counts: Mapping[ItemState, int]) -> ExitCode:
+    if outcome.fatal is not None:
+        return ExitCode.FATAL_BACKEND
+    if outcome.interrupted and counts[ItemState.PENDING] + counts[ItemState.IN_PROGRESS] > 0:
+        return ExitCode.INTERRUPTED
+    return ExitCode.ITEMS_FAILED if counts[ItemState.FAILED] else ExitCode.OK
+
+
+async def _execute(settings: JobSettings, options: RunOptions, checkpoint: Checkpoint,
+                   outputs: LocalOutputStore, roots: Mapping[str, SourceRoot], outcome: RunOutcome,
+                   clock: Clock, rng: random.Random) -> None:
+    stop = asyncio.Event()
+    limiter = RateLimiter(settings.limits.requests_per_minute, clock)
+    pending = checkpoint.counts()[ItemState.PENDING]
+    total = pending if options.limit is None else min(pending, options.limit)
+    async with _client_settings(settings) as client_settings, open_client(client_settings) as client:
+        with Progress(total, options.show_progress, lambda: limiter.rpm) as progress:
+            pool = WorkerPool(settings=settings, checkpoint=checkpoint,
+                              invoker=BedrockInvoker(client, settings.model_id), outputs=outputs,
+                              sources=roots, limiter=limiter, clock=clock, rng=rng, stop=stop,
+                              on_done=progress.item_done, limit=options.limit)
+            outcome.stats = pool.stats
+            task = asyncio.create_task(pool.run())
+            with _signals(stop, task, outcome):
+                try:
+                    await task
+                except* FatalBackendError as group:
+                    outcome.fatal = next(e for e in group.exceptions if isinstance(e, FatalBackendError))
+                except* asyncio.CancelledError:
+                    if not task.cancelled():
+                        raise
+
+
+class _signals:
+    """First SIGINT/SIGTERM: drain. Second: cancel the pool now."""
+
+    def __init__(self, stop: asyncio.Event, task: asyncio.Task[PoolStats], outcome: RunOutcome) -> None:
+        self.stop, self.task, self.outcome = stop, task, outcome
+        self.loop = asyncio.get_running_loop()
+
+    def _handle(self, signum: int) -> None:
+        self.outcome.interrupted = True
+        if not self.stop.is_set():
+            self.stop.set()
+            log.warning("%s: finishing requests in flight; send it again to stop at once",
+                        signal.Signals(signum).name)
+        else:
+            log.warning("%s again: stopping now; unfinished items stay pending", signal.Signals(signum).name)
+            self.task.cancel()
+
+    def __enter__(self) -> _signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(signum, self._handle, signum)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.loop.remove_signal_handler(signum)
+
+
+@asynccontextmanager
+async def _client_settings(settings: JobSettings) -> AsyncIterator[ClientSettings]:
+    """Where requests go: the configured Bedrock endpoint, or an emulator started in-process."""
+    limits = settings.limits
+    common = dict(region=settings.region, concurrency=limits.concurrency,
+                  read_timeout_s=limits.read_timeout_s, connect_timeout_s=limits.connect_timeout_s)
+    if settings.backend is Backend.BEDROCK:
+        yield ClientSettings(endpoint_url=settings.endpoint_url, profile=settings.profile, **common)  # type: ignore[arg-type]
+        return
+    emulator = EmulatorConfig(output_max_pixels=settings.emulator.output_max_pixels,
+                              latency_s=settings.emulator.latency_s, quota_rpm=settings.emulator.quota_rpm)
+    async with serve(emulator) as running:
+        log.info("backend: embedded emulator at %s", running.endpoint_url)
+        yield ClientSettings(endpoint_url=running.endpoint_url, profile=None,
+                             static_credentials=("EMULATOR", "emulator"), **common)  # type: ignore[arg-type]

@@ -1,0 +1,97 @@
+"""The frozen settings object one job runs with, built once at the CLI edge and passed down.
+
+Nothing below the CLI reads the environment or a file to learn a setting: it gets a
+:class:`JobSettings` (what the job is) and a :class:`RunOptions` (what this invocation does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from batch_upscaler.catalogue import ModelSpec
+
+
+class Backend(StrEnum):
+    BEDROCK = "bedrock"
+    EMULATOR = "emulator"
+
+
+class OutputFormat(StrEnum):
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def extension(self) -> str:
+        return ".jpg" if self is OutputFormat.JPEG else f".{self.value}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Throughput and robustness dials; concurrency and rate are deliberately separate."""
+
+    concurrency: int = 4
+    requests_per_minute: float = 30.0
+    max_attempts: int = 6
+    read_timeout_s: float = 300.0
+    connect_timeout_s: float = 10.0
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class EmulatorSettings:
+    """Knobs of the embedded emulator used when ``backend: emulator``."""
+
+    output_max_pixels: int | None = None
+    latency_s: float = 0.0
+    quota_rpm: float | None = None
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Everything a job is, with paths resolved and defaults applied."""
+
+    name: str
+    manifest_path: Path
+    base_dir: Path  # relative manifest paths are relative to this
+    sources: tuple[str, ...]
+    exclude: tuple[str, ...]
+    output_dir: Path
+    output_format: OutputFormat
+    model: ModelSpec
+    model_id: str  # the inference-profile id actually invoked
+    params: Mapping[str, Any]  # request parameters except ``image``
+    backend: Backend
+    region: str
+    endpoint_url: str | None
+    profile: str | None
+    limits: Limits
+    state_dir: Path
+    report_dir: Path
+    emulator: EmulatorSettings = field(default_factory=EmulatorSettings)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.state_dir / f"{self.name}.sqlite"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.state_dir / f"{self.name}.lock"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What this one invocation of ``run`` does beyond the job's settings."""
+
+    limit: int | None = None  # at most this many items are started
+    retry_failed: bool = False  # failed items become pending again
+    show_progress: bool | None = None  # None: only when stderr is a terminal

@@ -1,0 +1,120 @@
+"""Shared fixtures: a fake clock, image and manifest builders, and an emulator on a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from PIL import Image
+
+from batch_upscaler.emulator import EmulatorConfig, EmulatorThread
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_OUTPUT = 128 * 128  # keeps emulator outputs tiny so tests stay fast
+
+
+class FakeClock:
+    """A monotonic clock that only moves when someone sleeps on it (or a test advances it)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.t = start
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.t += max(0.0, seconds)
+        await asyncio.sleep(0)  # still yield, as a real sleep would
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def image_bytes(width: int, height: int, fmt: str = "PNG", color: tuple[int, int, int] = (10, 120, 200)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, format=fmt)
+    return out.getvalue()
+
+
+def write_image(path: Path, width: int = 96, height: int = 80, fmt: str = "PNG",
+                color: tuple[int, int, int] | None = None) -> Path:
+    """A small distinct image (the colour derives from the path unless given)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if color is None:
+        h = abs(hash(str(path)))
+        color = (h % 256, (h >> 8) % 256, (h >> 16) % 256)
+    path.write_bytes(image_bytes(width, height, fmt, color))
+    return path
+
+
+def manifest_doc(**overrides: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "version": 1,
+        "name": "job",
+        "sources": ["photos"],
+        "output": {"dir": "out", "format": "png"},
+        "model": {"name": "conservative", "prompt": "a sharp photo"},
+        "backend": "emulator",
+        "limits": {"concurrency": 2, "requests_per_minute": 6000, "backoff_base_s": 0.01, "backoff_max_s": 0.05},
+        "emulator": {"output_max_pixels": SMALL_OUTPUT},
+    }
+    for key, value in overrides.items():
+        if value is None:
+            doc.pop(key, None)
+        elif isinstance(value, dict) and isinstance(doc.get(key), dict):
+            doc[key] = {**doc[key], **value}
+        else:
+            doc[key] = value
+    return doc
+
+
+@pytest.fixture
+def write_manifest(tmp_path: Path) -> Callable[..., Path]:
+    def write(doc: dict[str, Any] | None = None, name: str = "job.yaml", **overrides: Any) -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(doc if doc is not None else manifest_doc(**overrides)))
+        return path
+    return write
+
+
+@pytest.fixture
+def emulator_factory() -> Iterator[Callable[..., EmulatorThread]]:
+    """Start emulators (on their own threads and loops) that outlive runner subprocesses."""
+    started: list[EmulatorThread] = []
+
+    def start(**config: Any) -> EmulatorThread:
+        config.setdefault("output_max_pixels", SMALL_OUTPUT)
+        emulator = EmulatorThread(EmulatorConfig(**config)).start()
+        started.append(emulator)
+        return emulator
+
+    yield start
+    for emulator in started:
+        emulator.stop()
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The real command in a subprocess (for exit codes, signals and kill -9)."""
+    return subprocess.run([sys.executable, "-m", "batch_upscaler", *args], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
