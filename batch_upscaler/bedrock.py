@@ -84,7 +84,6 @@ class BedrockInvoker:
         try:
             response = await self._client.invoke_model(
                 modelId=self.model_id, body=body, contentType="application/json", accept="application/json")
-            payload = await response["body"].read()
         except ClientError as exc:
             return _client_error(exc)
         except ReadTimeoutError as exc:
@@ -93,6 +92,14 @@ class BedrockInvoker:
             return AttemptError("no_credentials", f"{exc}; configure AWS credentials or use backend: emulator")
         except (BotoCoreError, aiohttp.ClientError, ConnectionError) as exc:
             return AttemptError("connection_error", f"{type(exc).__name__}: {exc}")
+        try:
+            async with response["body"] as stream:
+                payload = await stream.read()
+        except ReadTimeoutError as exc:
+            return AttemptError("read_timeout", str(exc))
+        except (BotoCoreError, aiohttp.ClientError, ConnectionError) as exc:
+            # The model already answered 200: the image was probably billed (retried once only).
+            return AttemptError("response_interrupted", f"{type(exc).__name__}: {exc}")
         return parse_response(payload)
 
 

@@ -58,6 +58,7 @@ POLICIES: Mapping[str, ErrorPolicy] = {
     "ModelTimeoutException": _RETRY_ONCE,
     "ModelErrorException": _RETRY_ONCE,
     "bad_response": _RETRY_ONCE,
+    "response_interrupted": _RETRY_ONCE,  # the 200 arrived, its body did not
     "ValidationException": _FAIL,
     "content_filtered": _FAIL,
     "ServiceQuotaExceededException": _FATAL,

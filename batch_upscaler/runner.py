@@ -94,6 +94,7 @@ def _run_locked(settings: JobSettings, options: RunOptions, checkpoint: Checkpoi
     try:
         asyncio.run(_execute(settings, options, checkpoint, outputs, roots, outcome, clock, rng))
     finally:
+        outputs.clean_staging()  # nothing temporary outlives the run (a crash's leftovers go next time)
         counts = checkpoint.counts()
         exit_code = exit_code_for(outcome, counts)
         checkpoint.finish_run(run_id, exit_code, outcome.stats.requests, outcome.stats.throttles)

@@ -111,6 +111,8 @@ def emulator_factory() -> Iterator[Callable[..., EmulatorThread]]:
 def cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["PYTHONPATH"] = str(REPO)
+    # Dummy keys, as a user's environment would hold real ones (the emulator checks only the signature's shape).
+    env |= {"AWS_ACCESS_KEY_ID": "AKIDTESTTEST", "AWS_SECRET_ACCESS_KEY": "test-secret"}
     return env
 
 

@@ -45,7 +45,10 @@ class FaultKind(StrEnum):
 
 _ERRORS: Mapping[FaultKind, tuple[ErrorCode, str]] = {
     FaultKind.THROTTLE: (ErrorCode.THROTTLING, MSG_THROTTLED),
-    FaultKind.SERVICE_UNAVAILABLE: (ErrorCode.SERVICE_UNAVAILABLE, "Bedrock is unable to process your request."),
+    FaultKind.SERVICE_UNAVAILABLE: (
+        ErrorCode.SERVICE_UNAVAILABLE,
+        "Bedrock is unable to process your request.",
+    ),
     FaultKind.INTERNAL_ERROR: (
         ErrorCode.INTERNAL,
         "The system encountered an unexpected error during processing. Try your request again.",

@@ -6,7 +6,8 @@ import asyncio
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -34,14 +35,14 @@ class RunningEmulator:
 
 
 @asynccontextmanager
-async def serve(config: EmulatorConfig | None = None,
-                log: RequestLog | None = None) -> AsyncIterator[RunningEmulator]:
-    """Serve on the current event loop until the ``async with`` block ends."""
+async def serve(config: EmulatorConfig | None = None, log: RequestLog | None = None,
+                clock: Callable[[], float] = time.monotonic) -> AsyncIterator[RunningEmulator]:
+    """Serve on the current event loop until the ``async with`` block ends (see create_app for clock)."""
     config = config or EmulatorConfig()
     log = log or RequestLog(config.request_log_path)
     # handler_cancellation: a client that gives up (read timeout on a SLOW fault) cancels its
     # handler, which is then recorded as 499, instead of leaving it running past shutdown.
-    runner = web.AppRunner(create_app(config, log), access_log=None, handle_signals=False,
+    runner = web.AppRunner(create_app(config, log, clock), access_log=None, handle_signals=False,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S, handler_cancellation=True)
     await runner.setup()
     try:
@@ -88,7 +89,7 @@ class EmulatorThread:
         self._thread.start()
         if not self._ready.wait(_START_TIMEOUT_S):
             raise RuntimeError("the emulator thread did not start in time")
-        if self._error is not None:
+        if self._running is None:
             raise RuntimeError("the emulator failed to start") from self._error
         return self
 
@@ -109,10 +110,10 @@ class EmulatorThread:
     def _run(self) -> None:
         try:
             asyncio.run(self._main())
-        # Any failure (port in use, bad config) is handed to start(): a thread has nobody else to tell.
-        except Exception as exc:  # noqa: BLE001
+        except (OSError, RuntimeError, ValueError) as exc:  # e.g. port in use: start() re-raises it
             self._error = exc
         finally:
+            # Also on unexpected errors (which the thread's excepthook prints): start() must not hang.
             self._ready.set()
 
     async def _main(self) -> None:

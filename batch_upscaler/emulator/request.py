@@ -19,6 +19,7 @@ from batch_upscaler.emulator.faults import image_key
 from batch_upscaler.emulator.protocol import (
     MSG_INVALID_MODEL,
     MSG_MALFORMED,
+    Rejected,
     malformed_request,
     on_demand_not_supported,
     validation_error,
@@ -58,13 +59,16 @@ def resolve_model(model_id: str, catalogue: Mapping[ModelName, ModelSpec]) -> Mo
 
 
 def check_body_size(size: int, spec: ModelSpec) -> None:
-    limit = spec.limits.max_body_bytes
-    if size > limit:
-        # The service model's blob length constraint, in the Coral validation wording.
-        raise validation_error(
-            "1 validation error detected: Value at 'body' failed to satisfy constraint: "
-            f"Member must have length less than or equal to {limit}"
-        )
+    if size > spec.limits.max_body_bytes:
+        raise body_too_large(spec)
+
+
+def body_too_large(spec: ModelSpec) -> Rejected:
+    # The service model's blob length constraint, in the Coral validation wording.
+    return validation_error(
+        "1 validation error detected: Value at 'body' failed to satisfy constraint: "
+        f"Member must have length less than or equal to {spec.limits.max_body_bytes}"
+    )
 
 
 def parse_body(body: bytes, spec: ModelSpec) -> InvokeRequest:

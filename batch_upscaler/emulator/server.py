@@ -21,7 +21,13 @@ from batch_upscaler.emulator import protocol
 from batch_upscaler.emulator.faults import FaultKind, FaultPicker, fault_body, fault_error
 from batch_upscaler.emulator.protocol import ErrorCode, ErrorReply, Rejected
 from batch_upscaler.emulator.quota import TokenBucket
-from batch_upscaler.emulator.request import InvokeRequest, check_body_size, parse_body, resolve_model
+from batch_upscaler.emulator.request import (
+    InvokeRequest,
+    body_too_large,
+    check_body_size,
+    parse_body,
+    resolve_model,
+)
 from batch_upscaler.emulator.requestlog import RequestLog, RequestRecord
 from batch_upscaler.emulator.settings import EmulatorConfig
 from batch_upscaler.emulator.upscale import ImageRejected, UpscaleResult, upscale
@@ -106,12 +112,14 @@ def _check_auth(headers: Mapping[str, str]) -> None:
         raise Rejected(ErrorReply(ErrorCode.MISSING_AUTH, protocol.MSG_MISSING_AUTH))
 
 
-async def _read_body(request: web.Request) -> bytes:
+async def _read_body(request: web.Request, spec: ModelSpec) -> bytes:
+    """The whole body, or the body-size ValidationException (also past aiohttp's own read limit)."""
     try:
-        return await request.read()
+        body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        raise protocol.validation_error(
-            f"Request body exceeds the maximum size of {CLIENT_MAX_SIZE} bytes") from exc
+        raise body_too_large(spec) from exc
+    check_body_size(len(body), spec)
+    return body
 
 
 class _Invoker:
@@ -144,8 +152,7 @@ class _Invoker:
         if self._config.deny_access:
             raise Rejected(ErrorReply(ErrorCode.ACCESS_DENIED, protocol.MSG_ACCESS_DENIED))
         spec = resolve_model(exchange.model_id, self._config.catalogue)
-        body = await _read_body(request)
-        check_body_size(len(body), spec)
+        body = await _read_body(request, spec)
         self._take_quota(spec)
         invoke = await asyncio.to_thread(parse_body, body, spec)
         exchange.image_sha256 = invoke.image_sha256

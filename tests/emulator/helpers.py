@@ -34,7 +34,8 @@ def session() -> AioSession:
     return _session
 
 
-def make_image(width: int, height: int, fmt: str = "PNG", color: tuple[int, int, int] = (200, 120, 40)) -> bytes:
+def make_image(width: int, height: int, fmt: str = "PNG",
+               color: tuple[int, int, int] = (200, 120, 40)) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (width, height), color).save(out, fmt)
     return out.getvalue()
@@ -66,7 +67,10 @@ async def emulated(**config: Any) -> AsyncIterator[tuple[RunningEmulator, Any]]:
         yield running, client
 
 
-async def invoke(client: Any, payload: dict[str, Any] | bytes, model_id: str = CONSERVATIVE) -> dict[str, Any]:
+Payload = dict[str, Any] | bytes
+
+
+async def invoke(client: Any, payload: Payload, model_id: str = CONSERVATIVE) -> dict[str, Any]:
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     response = await client.invoke_model(modelId=model_id, body=raw, contentType="application/json",
                                          accept="application/json")
@@ -80,7 +84,7 @@ async def invoke_json(client: Any, payload: dict[str, Any], model_id: str = CONS
     return parsed
 
 
-async def invoke_error(client: Any, payload: dict[str, Any] | bytes, model_id: str = CONSERVATIVE) -> ClientError:
+async def invoke_error(client: Any, payload: Payload, model_id: str = CONSERVATIVE) -> ClientError:
     with pytest.raises(ClientError) as caught:
         await invoke(client, payload, model_id)
     return caught.value

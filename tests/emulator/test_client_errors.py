@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 
 import aiohttp
 import pytest
-from botocore.exceptions import ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
+from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
 
-from batch_upscaler.emulator import FaultKind, image_key
+from batch_upscaler.emulator import EmulatorConfig, FaultKind, image_key, serve
+from batch_upscaler.emulator.protocol import MSG_THROTTLED
 
 from .helpers import (
     CONSERVATIVE,
     FAST,
+    SMALL_OUTPUT,
     bedrock_client,
     body,
     emulated,
@@ -66,8 +69,8 @@ async def test_scripted_sequence_then_normal() -> None:
             try:
                 await invoke_json(client, body(IMAGE), FAST)
                 outcomes.append(200)
-            except Exception as exc:  # noqa: BLE001 - recording what happened is the point
-                outcomes.append(error_of(exc)[1])  # type: ignore[arg-type]
+            except ClientError as exc:
+                outcomes.append(error_of(exc)[1])
     assert outcomes == [429, 429, 200]
     assert [r.fault for r in running.log.records()] == ["throttle", "throttle", None]
 
@@ -78,8 +81,21 @@ async def test_quota_third_immediate_request_is_throttled() -> None:
         await invoke_json(client, body(IMAGE), FAST)
         await invoke_json(client, body(IMAGE), FAST)
         exc = await invoke_error(client, body(IMAGE), FAST)
-    assert error_of(exc) == ("ThrottlingException", 429, "Too many requests, please wait before trying again.")
+    assert error_of(exc) == ("ThrottlingException", 429, MSG_THROTTLED)
     assert running.log.records()[-1].image_sha256 is None  # throttled before the body was parsed
+
+
+@pytest.mark.asyncio
+async def test_quota_refills_with_the_injected_clock() -> None:
+    now = [100.0]
+    async with (serve(EmulatorConfig(quota_rpm=60, quota_burst=1, output_max_pixels=SMALL_OUTPUT),
+                      clock=lambda: now[0]) as running,
+                bedrock_client(running.endpoint_url) as client):
+        await invoke_json(client, body(IMAGE), FAST)
+        assert error_of(await invoke_error(client, body(IMAGE), FAST))[1] == 429
+        now[0] += 1.0  # 60 rpm = one token per second
+        await invoke_json(client, body(IMAGE), FAST)
+    assert [r.status for r in running.log.records()] == [200, 429, 200]
 
 
 @pytest.mark.asyncio
@@ -93,8 +109,8 @@ async def test_quota_is_per_model() -> None:
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("model_id", "message"), [
     ("stability.stable-conservative-upscale-v1:0",
-     "Invocation of model ID stability.stable-conservative-upscale-v1:0 with on-demand throughput isn't "
-     "supported. Retry your request with the ID or ARN of an inference profile that contains this model."),
+     ("Invocation of model ID stability.stable-conservative-upscale-v1:0 with on-demand throughput isn't "
+      "supported. Retry your request with the ID or ARN of an inference profile that contains this model.")),
     ("us.stability.stable-ultra-upscale-v9:0", "The provided model identifier is invalid."),
 ])
 async def test_model_id_rejections(model_id: str, message: str) -> None:
@@ -114,32 +130,35 @@ async def test_deny_access() -> None:
 
 @pytest.mark.asyncio
 async def test_missing_authentication_token() -> None:
-    async with emulated() as (running, _), aiohttp.ClientSession() as http:
-        async with http.post(f"{running.endpoint_url}/model/{FAST}/invoke", json=body(IMAGE)) as resp:
-            assert resp.status == 403
-            assert resp.headers["x-amzn-ErrorType"].startswith("MissingAuthenticationTokenException:")
-            assert resp.headers["Content-Type"].startswith("application/json")
-            assert await resp.json() == {"message": "Missing Authentication Token"}
+    async with (emulated() as (running, _), aiohttp.ClientSession() as http,
+                http.post(f"{running.endpoint_url}/model/{FAST}/invoke", json=body(IMAGE)) as resp):
+        assert resp.status == 403
+        assert resp.headers["x-amzn-ErrorType"].startswith("MissingAuthenticationTokenException:")
+        assert resp.headers["Content-Type"].startswith("application/json")
+        assert await resp.json() == {"message": "Missing Authentication Token"}
     assert running.log.records()[0].error_type == "MissingAuthenticationTokenException"
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("model_id", "payload", "message"), [
-    (CONSERVATIVE, body(IMAGE, prompt="p", style="x"),
-     "Malformed input request: #: extraneous key [style] is not permitted, please reformat your input and try again."),
-    (CONSERVATIVE, body(IMAGE),
-     "Malformed input request: #: required key [prompt] not found, please reformat your input and try again."),
-    (CONSERVATIVE, body(IMAGE, prompt="p", creativity=0.9),
-     "Malformed input request: #/creativity: must be ≤ 0.5, got 0.9, please reformat your input and try again."),
-    (FAST, body(IMAGE, prompt="p"),
-     "Malformed input request: #: extraneous key [prompt] is not permitted, please reformat your input and try again."),
-    (CONSERVATIVE, b"not json",
-     "Malformed input request, please reformat your input and try again."),
+@pytest.mark.parametrize(("model_id", "payload", "problem"), [
+    (CONSERVATIVE, body(IMAGE, prompt="p", style="x"), "#: extraneous key [style] is not permitted"),
+    (CONSERVATIVE, body(IMAGE), "#: required key [prompt] not found"),
+    (CONSERVATIVE, body(IMAGE, prompt="p", creativity=0.9), "#/creativity: must be ≤ 0.5, got 0.9"),
+    (FAST, body(IMAGE, prompt="p"), "#: extraneous key [prompt] is not permitted"),
 ])
-async def test_validation_messages(model_id: str, payload: dict[str, object] | bytes, message: str) -> None:
+async def test_validation_messages(model_id: str, payload: dict[str, object], problem: str) -> None:
     async with emulated() as (_, client):
         exc = await invoke_error(client, payload, model_id)
+    message = f"Malformed input request: {problem}, please reformat your input and try again."
     assert error_of(exc) == ("ValidationException", 400, message)
+
+
+@pytest.mark.asyncio
+async def test_body_that_is_not_json() -> None:
+    async with emulated() as (_, client):
+        exc = await invoke_error(client, b"not json")
+    assert error_of(exc) == ("ValidationException", 400,
+                             "Malformed input request, please reformat your input and try again.")
 
 
 @pytest.mark.asyncio
@@ -165,6 +184,17 @@ async def test_body_over_25_mb_is_our_validation_error_not_413() -> None:
     code, status, message = error_of(exc)
     assert (code, status) == ("ValidationException", 400)
     assert "25000000" in message
+
+
+@pytest.mark.asyncio
+async def test_body_past_aiohttp_read_limit_is_still_our_validation_error() -> None:
+    headers = {"Authorization": "Bearer t"}
+    async with (emulated() as (running, _), aiohttp.ClientSession() as http,
+                http.post(f"{running.endpoint_url}/model/{FAST}/invoke", data=io.BytesIO(b"x" * (65 << 20)),
+                          headers=headers) as resp):
+        assert resp.status == 400  # not aiohttp's 413
+        assert resp.headers["x-amzn-ErrorType"].startswith("ValidationException:")
+        assert "25000000" in (await resp.json())["message"]
 
 
 @pytest.mark.asyncio
@@ -218,10 +248,10 @@ async def test_hangup_is_a_botocore_connection_error() -> None:
 
 @pytest.mark.asyncio
 async def test_slow_answer_trips_the_client_read_timeout() -> None:
-    async with emulated(faults_by_image={KEY: (FaultKind.SLOW,)}, slow_s=2.0) as (running, _):
-        async with bedrock_client(running.endpoint_url, read_timeout=0.3) as client:
-            with pytest.raises(ReadTimeoutError):
-                await invoke(client, body(IMAGE), FAST)
+    async with (emulated(faults_by_image={KEY: (FaultKind.SLOW,)}, slow_s=2.0) as (running, _),
+                bedrock_client(running.endpoint_url, read_timeout=0.3) as client):
+        with pytest.raises(ReadTimeoutError):
+            await invoke(client, body(IMAGE), FAST)
         # The client gave up and closed the connection: the stalled handler is cancelled, recorded once.
         for _ in range(50):
             if running.log.records():
@@ -247,17 +277,17 @@ async def test_random_fault_rates_through_the_client() -> None:
 @pytest.mark.asyncio
 async def test_botocore_retries_throttles_in_standard_mode() -> None:
     # One retry only: botocore's back-off sleep (up to 1 s here) cannot be skipped.
-    async with emulated(faults_by_image={KEY: (FaultKind.THROTTLE,)}) as (running, _):
-        async with bedrock_client(running.endpoint_url,
-                                  retries={"total_max_attempts": 2, "mode": "standard"}) as client:
-            answer = await invoke_json(client, body(IMAGE), FAST)
+    retries = {"total_max_attempts": 2, "mode": "standard"}
+    async with (emulated(faults_by_image={KEY: (FaultKind.THROTTLE,)}) as (running, _),
+                bedrock_client(running.endpoint_url, retries=retries) as client):
+        answer = await invoke_json(client, body(IMAGE), FAST)
     assert answer["finish_reasons"] == [None]
     assert [r.status for r in running.log.records()] == [429, 200]
 
 
 @pytest.mark.asyncio
 async def test_unknown_path() -> None:
-    async with emulated() as (running, _), aiohttp.ClientSession() as http:
-        async with http.get(f"{running.endpoint_url}/foundation-models") as resp:
-            assert resp.status == 404
-            assert resp.headers["x-amzn-ErrorType"].startswith("UnknownOperationException:")
+    async with (emulated() as (running, _), aiohttp.ClientSession() as http,
+                http.get(f"{running.endpoint_url}/foundation-models") as resp):
+        assert resp.status == 404
+        assert resp.headers["x-amzn-ErrorType"].startswith("UnknownOperationException:")

@@ -62,7 +62,8 @@ def test_run_forever_cli_announces_serves_and_stops_on_signal(tmp_path: Path, si
     log_path = tmp_path / "requests.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "batch_upscaler.emulator", "--output-max-pixels", "4096", "--log", str(log_path)],
+        [sys.executable, "-m", "batch_upscaler.emulator", "--output-max-pixels", "4096",
+         "--log", str(log_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
         assert process.stdout is not None

@@ -49,7 +49,8 @@ def test_body_size_cap() -> None:
 
 
 def test_parse_ok_hashes_the_decoded_image() -> None:
-    parsed = parse_body(json.dumps({"image": b64(b"pixels"), "prompt": "p", "seed": 9}).encode(), CONSERVATIVE)
+    payload = json.dumps({"image": b64(b"pixels"), "prompt": "p", "seed": 9}).encode()
+    parsed = parse_body(payload, CONSERVATIVE)
     assert (parsed.image, parsed.image_sha256, parsed.seed, parsed.output_format) == (
         b"pixels", image_key(b"pixels"), 9, "png")
 
@@ -60,9 +61,11 @@ def test_parse_ok_hashes_the_decoded_image() -> None:
     (b'{"prompt": "p"}', "Malformed input request: #: required key [image] not found, please reformat"),
     (b'{"image": 5, "prompt": "p"}', "Malformed input request: #/image: must be a string, got int, please"),
     (b'{"image": "QQ==", "prompt": "p", "foo": 1, "bar": 2}',
-     "Malformed input request: #: extraneous key [foo] is not permitted#: extraneous key [bar] is not permitted,"),
+     ("Malformed input request: #: extraneous key [foo] is not permitted"
+      "#: extraneous key [bar] is not permitted, please")),
     (b'{"image": "QQ==", "foo": 1}',
-     "Malformed input request: #: required key [prompt] not found#: extraneous key [foo] is not permitted, please"),
+     ("Malformed input request: #: required key [prompt] not found"
+      "#: extraneous key [foo] is not permitted, please")),
 ])
 def test_schema_messages(payload: bytes, message: str) -> None:
     with pytest.raises(Rejected) as caught:

@@ -14,7 +14,8 @@ from batch_upscaler.emulator import EmulatorConfig, FaultKind, RequestLog, Reque
 
 def test_defaults() -> None:
     config = EmulatorConfig()
-    assert (config.host, config.port, config.quota_rpm, config.output_max_pixels) == ("127.0.0.1", 0, None, None)
+    assert (config.host, config.port, config.quota_rpm) == ("127.0.0.1", 0, None)
+    assert (config.output_max_pixels, config.png_compress_level, config.slow_s) == (None, 1, 30.0)
     assert config.catalogue is BUILTIN
     assert dict(config.faults_by_image) == {} and dict(config.fault_rates) == {}
 
