@@ -11,7 +11,7 @@ from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("command", [
-    [sys.executable, "-m", "ruff", "check", "batch_upscaler", "tests", "bench", "manifests"],
+    [sys.executable, "-m", "ruff", "check", "."],
     [sys.executable, "-m", "mypy", "batch_upscaler"],
 ])
 def test_static_checks(command: list[str]) -> None:
