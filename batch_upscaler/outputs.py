@@ -19,6 +19,10 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 STAGING_DIR = ".batch-upscaler-tmp"
+# mkstemp creates 0600 files; outputs get the usual 0666 & ~umask. Read once, at import, while
+# the process is single-threaded (os.umask can only be read by setting it).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class OutputPathError(ValueError):
@@ -70,6 +74,7 @@ class LocalOutputStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=staging, suffix=".part")
         try:
+            os.fchmod(fd, 0o666 & ~_UMASK)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()

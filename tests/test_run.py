@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -234,3 +235,24 @@ def test_output_is_written_byte_for_byte(tmp_path: Path, write_manifest: Callabl
     with Image.open(io.BytesIO(out.read_bytes())) as im:
         assert im.format == "WEBP"
     assert not list((tmp_path / "out").rglob("*.part"))
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_report_command_rewrites_from_checkpoint(tmp_path: Path, write_manifest: Callable[..., Path],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    make_photos(tmp_path, 2)
+    manifest = write_manifest()
+    assert main(["report", str(manifest)]) == 2  # no checkpoint yet
+    assert main(["run", str(manifest)]) == 0
+    report_json = tmp_path / ".batch-upscaler/reports/job/report.json"
+    first = json.loads(report_json.read_text())
+    report_json.unlink()
+    assert main(["report", str(manifest)]) == 0
+    again = json.loads(report_json.read_text())
+    assert again["items"] == first["items"] and again["totals"] == first["totals"]
