@@ -48,12 +48,15 @@ CREATE TABLE IF NOT EXISTS items (
     format TEXT,
     width INTEGER,
     height INTEGER,
+    sent_width INTEGER,
+    sent_height INTEGER,
     output_path TEXT,
     output_bytes INTEGER,
     output_width INTEGER,
     output_height INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
     throttles INTEGER NOT NULL DEFAULT 0,
+    dedup_of TEXT,
     error_code TEXT,
     error_message TEXT,
     scan_id INTEGER NOT NULL,
@@ -64,6 +67,7 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_state_seq ON items (state, seq);
 CREATE INDEX IF NOT EXISTS items_output ON items (output_path);
+CREATE INDEX IF NOT EXISTS items_content ON items (content_sha256);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
     started_at REAL NOT NULL,
@@ -231,7 +235,8 @@ class Checkpoint:
             " ON CONFLICT (key) DO UPDATE SET seq=excluded.seq, state=excluded.state, gone=0,"
             " size=excluded.size, mtime_ns=excluded.mtime_ns, params_hash=excluded.params_hash,"
             " content_sha256=NULL, output_path=excluded.output_path, output_bytes=NULL, output_width=NULL,"
-            " output_height=NULL, format=excluded.format, width=excluded.width, height=excluded.height,"
+            " output_height=NULL, sent_width=NULL, sent_height=NULL, dedup_of=NULL, format=excluded.format,"
+            " width=excluded.width, height=excluded.height,"
             " attempts=0, throttles=0, error_code=excluded.error_code, error_message=excluded.error_message,"
             " scan_id=excluded.scan_id, updated_at=excluded.updated_at, started_at=NULL, finished_at=NULL",
             (item.key, item.seq, item.source, item.relpath, item.state, item.size, item.mtime_ns,
@@ -268,10 +273,13 @@ class Checkpoint:
     def record_content_hash(self, key: str, sha256: str) -> None:
         self._move(key, (ItemState.IN_PROGRESS,), "content_sha256 = ?", (sha256,))
 
-    def succeed(self, key: str, output_bytes: int, output_size: tuple[int, int] | None) -> None:
+    def succeed(self, key: str, output_bytes: int, output_size: tuple[int, int] | None,
+                sent_size: tuple[int, int] | None = None, dedup_of: str | None = None) -> None:
         out_w, out_h = output_size or (None, None)
+        sent_w, sent_h = sent_size or (None, None)
         self._move(key, (ItemState.IN_PROGRESS,), "state = 'succeeded', output_bytes = ?, output_width = ?, "
-                   "output_height = ?, finished_at = ?", (output_bytes, out_w, out_h, self._now()))
+                   "output_height = ?, sent_width = ?, sent_height = ?, dedup_of = ?, finished_at = ?",
+                   (output_bytes, out_w, out_h, sent_w, sent_h, dedup_of, self._now()))
 
     def fail(self, key: str, code: str, message: str) -> None:
         self._move(key, (ItemState.IN_PROGRESS,), "state = 'failed', error_code = ?, error_message = ?, "
@@ -304,6 +312,14 @@ class Checkpoint:
         for state, n in self._conn.execute("SELECT state, COUNT(*) FROM items WHERE gone = 0 GROUP BY state"):
             counts[ItemState(state)] = n
         return counts
+
+    def find_succeeded_copy(self, content_sha256: str, params_hash: str, key: str) -> tuple[str, str] | None:
+        """(key, output path) of another succeeded item with the same content and parameters."""
+        row = self._conn.execute(
+            "SELECT key, output_path FROM items WHERE content_sha256 = ? AND params_hash = ? AND key <> ? "
+            "AND state = 'succeeded' AND output_path IS NOT NULL ORDER BY seq LIMIT 1",
+            (content_sha256, params_hash, key)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
 
     def state_of(self, key: str) -> ItemState | None:
         row = self._conn.execute("SELECT state FROM items WHERE key = ?", (key,)).fetchone()

@@ -21,7 +21,20 @@ import yaml
 
 from batch_upscaler.catalogue import BUILTIN, ModelName, ModelOverride, apply_override, check_params
 from batch_upscaler.errors import ManifestError
-from batch_upscaler.settings import Backend, EmulatorSettings, JobSettings, Limits, OutputFormat
+from batch_upscaler.naming import DEFAULT_TEMPLATE, template_problem
+from batch_upscaler.settings import (
+    AlphaPolicy,
+    AspectPolicy,
+    Backend,
+    EmulatorSettings,
+    JobSettings,
+    Limits,
+    MetadataSettings,
+    OutputFormat,
+    Oversize,
+    PrepareSettings,
+    Undersize,
+)
 
 Check = Callable[[Any], str | None]
 
@@ -35,6 +48,8 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "region_prefixes": {"us-east-1": "us", "us-east-2": "us", "us-west-2": "us"},
     "models": {},
     "emulator": {"output_max_pixels": None, "latency_s": 0, "quota_rpm": None},
+    "prepare": {"orientation": "apply", "oversize": "downscale", "undersize": "skip", "aspect": "pad",
+                "alpha": "flatten", "background": "#ffffff"},
 }
 
 
@@ -96,6 +111,20 @@ def job_name(v: Any) -> str | None:
     return f"must be 1-64 letters, digits, '.', '_' or '-' (it names files), got {v!r}"
 
 
+def boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else f"must be true or false, got {_type_name(v)} {v!r}"
+
+
+def colour(v: Any) -> str | None:
+    if isinstance(v, str) and re.fullmatch(r"#[0-9a-fA-F]{6}", v):
+        return None
+    return f"must be a colour like '#ffffff', got {v!r}"
+
+
+def naming_template(v: Any) -> str | None:
+    return is_str(v) or template_problem(v)
+
+
 def url(v: Any) -> str | None:
     if isinstance(v, str) and re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
         return None
@@ -125,8 +154,20 @@ MANIFEST_SCHEMA: Mapping[str, Key] = {
     "name": Key(job_name, required=True),
     "sources": Key(str_list(non_empty=True), required=True),
     "exclude": Key(str_list(non_empty=False)),
-    "output": Key(required=True, children={"dir": Key(is_str, required=True),
-                                           "format": Key(choice(*OutputFormat))}),
+    "output": Key(required=True, children={
+        "dir": Key(is_str, required=True),
+        "format": Key(choice(*OutputFormat)),
+        "naming": Key(naming_template),
+        "metadata": Key(children={k: Key(boolean) for k in ("exif", "gps", "icc", "mtime")}),
+    }),
+    "prepare": Key(children={
+        "orientation": Key(choice("apply", "keep")),
+        "oversize": Key(choice(*Oversize)),
+        "undersize": Key(choice(*Undersize)),
+        "aspect": Key(choice(*AspectPolicy)),
+        "alpha": Key(choice(*AlphaPolicy)),
+        "background": Key(colour),
+    }),
     # Parameter values are checked against the model catalogue after merging (see _check_model).
     "model": Key(required=True, children={"name": Key(choice(*ModelName), required=True),
                                           **{p: Key() for p in _MODEL_PARAMS}}),
@@ -141,6 +182,7 @@ _OVERRIDE = {"max_pixels": Key(number(1, whole=True)), "creativity_min": Key(num
              "price_usd": Key(number(0))}
 CONFIG_SCHEMA: Mapping[str, Key] = {
     "backend": Key(choice(*Backend)),
+    "prepare": MANIFEST_SCHEMA["prepare"],
     "bedrock": Key(children=_BEDROCK),
     "limits": Key(children=_LIMITS),
     "emulator": Key(children=_EMULATOR),
@@ -236,9 +278,8 @@ def build_settings(layers: Layers) -> JobSettings:
     spec = apply_override(BUILTIN[ModelName(merged["model"]["name"])],
                           ModelOverride(**merged["models"].get(merged["model"]["name"], {})))
     params = {k: v for k, v in merged["model"].items() if k != "name"}
-    params["output_format"] = merged["output"]["format"]
-    problems = [f"model.{name}: {why}" if name != "output_format" else f"output.format: {why}"
-                for name, why in check_params(spec, params)]
+    # output_format is per item (``same``); validate the model's other parameters with a stand-in.
+    problems = [f"model.{name}: {why}" for name, why in check_params(spec, {**params, "output_format": "png"})]
     region = merged["bedrock"]["region"]
     prefix = merged["region_prefixes"].get(region)
     if prefix is None:
@@ -280,6 +321,21 @@ def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: di
         state_dir=state_dir,
         report_dir=report_dir,
         emulator=EmulatorSettings(**merged["emulator"]),
+        naming=merged["output"].get("naming", DEFAULT_TEMPLATE),
+        prepare=_prepare(merged["prepare"]),
+        metadata=MetadataSettings(**merged["output"].get("metadata", {})),
+    )
+
+
+def _prepare(section: dict[str, Any]) -> PrepareSettings:
+    rgb = section["background"].lstrip("#")
+    return PrepareSettings(
+        apply_orientation=section["orientation"] == "apply",
+        oversize=Oversize(section["oversize"]),
+        undersize=Undersize(section["undersize"]),
+        aspect=AspectPolicy(section["aspect"]),
+        alpha=AlphaPolicy(section["alpha"]),
+        background=(int(rgb[0:2], 16), int(rgb[2:4], 16), int(rgb[4:6], 16)),
     )
 
 

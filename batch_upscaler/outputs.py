@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import posixpath
 import shutil
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Protocol
 
 STAGING_DIR = ".batch-upscaler-tmp"
@@ -29,18 +28,10 @@ class OutputPathError(ValueError):
     """A rendered output path would leave the output root."""
 
 
-def output_relpath(source_relpath: str, extension: str) -> str:
-    """The output's path relative to the output root: the source's, with the new extension."""
-    stem, _ = posixpath.splitext(source_relpath)
-    rel = PurePosixPath(stem + extension)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise OutputPathError(f"output path {rel} would leave the output root")
-    return rel.as_posix()
-
-
 class OutputStore(Protocol):
     def exists(self, relpath: str, size: int | None) -> bool: ...
-    def write_atomic(self, relpath: str, data: bytes) -> int: ...
+    def read(self, relpath: str) -> bytes: ...
+    def write_atomic(self, relpath: str, data: bytes, mtime_ns: int | None = None) -> int: ...
     def clean_staging(self) -> int: ...
 
 
@@ -66,8 +57,15 @@ class LocalOutputStore:
             return False
         return size is None or st.st_size == size
 
-    def write_atomic(self, relpath: str, data: bytes) -> int:
-        """Write ``data`` to ``relpath`` so it appears complete or not at all; returns its size."""
+    def read(self, relpath: str) -> bytes:
+        return self.path_of(relpath).read_bytes()
+
+    def write_atomic(self, relpath: str, data: bytes, mtime_ns: int | None = None) -> int:
+        """Write ``data`` to ``relpath`` so it appears complete or not at all; returns its size.
+
+        ``mtime_ns`` (the source's modification time) is set before the rename, so the file never
+        appears with another one.
+        """
         staging = self.root / STAGING_DIR
         staging.mkdir(parents=True, exist_ok=True)
         target = self.path_of(relpath)
@@ -79,6 +77,8 @@ class LocalOutputStore:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            if mtime_ns is not None:
+                os.utime(tmp, ns=(mtime_ns, mtime_ns))
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):

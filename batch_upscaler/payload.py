@@ -1,9 +1,9 @@
-"""Turn a source file into the InvokeModel request body (base64 image inside JSON).
+"""Turn a source file into everything one request needs: the JSON body, its plan and the metadata to carry.
 
-JPEG, PNG and WebP files are sent byte-for-byte (no re-encode: faithful and cheap); other formats
-Pillow reads (TIFF, BMP, GIF, ...) are converted to PNG. The body is assembled around the base64
-text instead of passing a multi-megabyte string through ``json.dumps``, which would scan it for
-characters to escape (base64 has none).
+The file is read once: its bytes give the content hash (for change detection and de-duplication),
+the header (re-probed, since the file may have changed since the scan), the prepared image and the
+metadata. The body is assembled around the base64 text instead of passing a multi-megabyte string
+through ``json.dumps``, which would scan it for characters to escape (base64 has none).
 """
 
 from __future__ import annotations
@@ -17,9 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pybase64
-from PIL import Image, ImageOps
 
 from batch_upscaler.catalogue import MAX_BODY_BYTES
+from batch_upscaler.finishing import carried_metadata
+from batch_upscaler.fitting import Fit, fit
+from batch_upscaler.metadata import SourceMetadata, read_metadata
+from batch_upscaler.prepare import Prepared, PrepareError, prepare_image
+from batch_upscaler.probe import ProbeError, read_header
+from batch_upscaler.settings import JobSettings
+
+_COLOUR_CONVERTING_MODES = frozenset({"CMYK", "YCbCr", "LAB"})
 
 
 class PayloadError(Exception):
@@ -34,7 +41,9 @@ class PayloadError(Exception):
 class Payload:
     body: bytes
     content_sha256: str  # of the source file's bytes, as read for sending
-    sent_format: str
+    plan: Fit
+    sent: Prepared
+    metadata: SourceMetadata  # what the output will carry
 
 
 def build_body(image: bytes, params: Mapping[str, Any]) -> bytes:
@@ -44,34 +53,29 @@ def build_body(image: bytes, params: Mapping[str, Any]) -> bytes:
     return b'{"image":"' + pybase64.b64encode(image) + b'"' + tail
 
 
-def to_png(data: bytes) -> bytes:
-    """Decode any Pillow-readable image (first frame) and encode it losslessly as PNG."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.seek(0)
-        frame = ImageOps.exif_transpose(im) or im
-        has_alpha = frame.mode in ("RGBA", "LA", "PA") or "transparency" in frame.info
-        converted = frame.convert("RGBA" if has_alpha else "RGB")
-        out = io.BytesIO()
-        converted.save(out, format="PNG", compress_level=1)
-        return out.getvalue()
-
-
-def prepare(path: Path, expected_size: int, sendable_as_is: bool, params: Mapping[str, Any]) -> Payload:
-    """Read ``path`` and build its request body; raises PayloadError with a reason code."""
+def build_payload(path: Path, expected_size: int, settings: JobSettings) -> Payload:
+    """Read ``path`` and build its request; raises PayloadError with a reason code."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise PayloadError("source_unreadable", f"{exc.strerror or exc}") from None
     if len(data) != expected_size:
         raise PayloadError("source_changed", "the file changed after it was scanned; the next run redoes it")
-    digest = hashlib.sha256(data).hexdigest()
-    image = data
-    if not sendable_as_is:
-        try:
-            image = to_png(data)
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise PayloadError("unreadable", f"cannot convert to PNG: {exc}") from None
-    body = build_body(image, params)
-    if len(body) > MAX_BODY_BYTES:
+    try:
+        header = read_header(io.BytesIO(data))
+    except ProbeError as exc:
+        raise PayloadError(exc.refusal.rejection.code, exc.refusal.rejection.detail) from None
+    plan = fit(header, settings.model.limits, settings.prepare)
+    if not isinstance(plan, Fit):
+        raise PayloadError(plan.code, plan.detail)
+    try:
+        sent = prepare_image(data, header, plan, settings.model.limits, settings.prepare)
+    except (PrepareError, OSError, ValueError, SyntaxError) as exc:
+        raise PayloadError("cannot_prepare", str(exc)) from None
+    params = {**settings.params, "output_format": settings.output_format.for_source(header.pil_format).value}
+    body = build_body(sent.image, params)
+    if len(body) > MAX_BODY_BYTES:  # prepare_image keeps under the cap; this guards the JSON overhead
         raise PayloadError("body_too_large", f"request body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
-    return Payload(body, digest, "original" if sendable_as_is else "png")
+    metadata = carried_metadata(read_metadata(data), settings.metadata,
+                                colour_converted=header.mode in _COLOUR_CONVERTING_MODES)
+    return Payload(body, hashlib.sha256(data).hexdigest(), plan, sent, metadata)

@@ -28,12 +28,12 @@ from batch_upscaler.checkpoint import Checkpoint, ItemState, WorkItem
 from batch_upscaler.clock import Clock
 from batch_upscaler.discovery import SourceRoot
 from batch_upscaler.errors import FatalBackendError
+from batch_upscaler.finishing import finish
 from batch_upscaler.outputs import OutputPathError, OutputStore
-from batch_upscaler.payload import Payload, PayloadError, prepare
-from batch_upscaler.probe import SENDABLE_AS_IS
+from batch_upscaler.payload import Payload, PayloadError, build_payload
 from batch_upscaler.ratelimit import RateLimiter
 from batch_upscaler.retry import Action, AttemptError, Backoff, decide
-from batch_upscaler.settings import JobSettings
+from batch_upscaler.settings import JobSettings, request_fingerprint
 
 log = logging.getLogger(__name__)
 _PAGE = 256
@@ -48,6 +48,7 @@ class PoolStats:
     requests: int = 0
     throttles: int = 0
     started: int = 0
+    deduplicated: int = 0  # requests saved: outputs copied from identical content
 
 
 class WorkerPool:
@@ -68,6 +69,8 @@ class WorkerPool:
         self.limit = limit
         self.backoff = Backoff(settings.limits.backoff_base_s, settings.limits.backoff_max_s)
         self.stats = PoolStats()
+        self.params_hash = request_fingerprint(settings)
+        self._in_flight: dict[str, asyncio.Future[None]] = {}  # content sha256 -> its upscale
 
     async def run(self) -> PoolStats:
         """Process pending items until none is left, the limit is reached, or ``stop`` is set."""
@@ -106,7 +109,13 @@ class WorkerPool:
         self.checkpoint.start(item.key)
         finished = False
         try:
-            state = await self._run_item(item)
+            try:
+                state = await self._run_item(item)
+            except (FatalBackendError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # a bug or an unforeseen input must cost one item, not the run
+                log.exception("unexpected error on %s", item.key)
+                state = self._fail(item, "internal_error", f"internal_error: {type(exc).__name__}: {exc}")
             finished = state is not None
             if state is not None:
                 self.on_done(state)
@@ -117,18 +126,42 @@ class WorkerPool:
     async def _run_item(self, item: WorkItem) -> ItemState | None:
         """Drive one item to succeeded/failed; None means it was released unfinished."""
         path = self.sources[item.source].path_of(item.relpath)
-        sendable = item.format in SENDABLE_AS_IS
         try:
-            payload = await asyncio.to_thread(prepare, path, item.size, sendable, self.settings.params)
+            payload = await asyncio.to_thread(build_payload, path, item.size, self.settings)
         except PayloadError as exc:
             return self._fail(item, exc.code, str(exc))
         self.checkpoint.record_content_hash(item.key, payload.content_sha256)
-        result = await self._attempts(item, payload)
-        if result is None:
+        digest = payload.content_sha256
+        while (leader := self._in_flight.get(digest)) is not None:
+            await asyncio.shield(leader)  # the same picture is being upscaled right now: reuse it
+        copied = await self._copy_duplicate(item, digest, payload)
+        if copied is not None:
+            return copied
+        self._in_flight[digest] = leader = asyncio.get_running_loop().create_future()
+        try:
+            result = await self._attempts(item, payload)
+            if result is None:
+                return None
+            if isinstance(result, AttemptError):
+                return self._fail(item, result.code, f"{result.code}: {result.message}")
+            return await self._store(item, payload, result)
+        finally:
+            del self._in_flight[digest]
+            leader.set_result(None)
+
+    async def _copy_duplicate(self, item: WorkItem, digest: str, payload: Payload) -> ItemState | None:
+        """Identical content and parameters already succeeded: copy its output, pay nothing."""
+        found = self.checkpoint.find_succeeded_copy(digest, self.params_hash, item.key)
+        if found is None:
             return None
-        if isinstance(result, AttemptError):
-            return self._fail(item, result.code, f"{result.code}: {result.message}")
-        return await self._store(item, result)
+        original_key, original_output = found
+        try:
+            data = await asyncio.to_thread(self.outputs.read, original_output)
+        except OSError:
+            return None  # the earlier output is gone: upscale again
+        state = await self._write(item, data, payload, dedup_of=original_key)
+        self.stats.deduplicated += 1
+        return state
 
     async def _attempts(self, item: WorkItem, payload: Payload) -> bytes | AttemptError | None:
         for attempt in itertools.count(1):
@@ -154,12 +187,20 @@ class WorkerPool:
             await self.clock.sleep(decision.delay_s)
         raise AssertionError("unreachable")
 
-    async def _store(self, item: WorkItem, image: bytes) -> ItemState:
+    async def _store(self, item: WorkItem, payload: Payload, returned: bytes) -> ItemState:
         try:
-            written = await asyncio.to_thread(self.outputs.write_atomic, item.output_path, image)
+            final = await asyncio.to_thread(finish, returned, payload.plan, payload.metadata)
+        except (OSError, ValueError, SyntaxError) as exc:
+            return self._fail(item, "bad_response", f"bad_response: returned image unusable: {exc}")
+        return await self._write(item, final, payload)
+
+    async def _write(self, item: WorkItem, data: bytes, payload: Payload, dedup_of: str | None = None) -> ItemState:
+        mtime = item.mtime_ns if self.settings.metadata.mtime else None
+        try:
+            written = await asyncio.to_thread(self.outputs.write_atomic, item.output_path, data, mtime)
         except (OSError, OutputPathError) as exc:
             return self._fail(item, "output_write_failed", f"output_write_failed: {item.output_path}: {exc}")
-        self.checkpoint.succeed(item.key, written, image_size(image))
+        self.checkpoint.succeed(item.key, written, image_size(data), payload.sent.size, dedup_of)
         return ItemState.SUCCEEDED
 
     def _fail(self, item: WorkItem, code: str, message: str) -> ItemState:

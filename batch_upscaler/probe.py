@@ -2,7 +2,7 @@
 
 Pillow's ``Image.open`` is lazy: it parses the header and stops, so probing a 20 MB scan costs a
 few kilobytes of I/O. A file whose header already breaks the model's documented limits is never
-sent; :func:`admit` says why, with a stable reason code.
+sent; batch_upscaler.fitting decides that from the header read here.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import warnings
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
-from batch_upscaler.catalogue import ModelSpec, Rejection, check_image, max_image_bytes
+from batch_upscaler.catalogue import Rejection
 
 # Pillow format name -> the request format it can be sent as byte-for-byte.
 SENDABLE_AS_IS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
@@ -33,6 +34,9 @@ class ImageHeader:
     width: int
     height: int
     mode: str
+    orientation: int = 1  # EXIF Orientation, 1..8
+    has_alpha: bool = False
+    is_animated: bool = False
 
     @property
     def sendable_as_is(self) -> bool:
@@ -53,13 +57,13 @@ class ProbeError(Exception):
         super().__init__(str(refusal.rejection))
 
 
-def read_header(path: Path) -> ImageHeader:
+def read_header(path: Path | BinaryIO) -> ImageHeader:
     """Format, size and mode from the header; raises ProbeError for unreadable files."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                return ImageHeader(im.format or "unknown", im.width, im.height, im.mode)
+                return _header(im)
     except Image.DecompressionBombError as exc:
         raise ProbeError(Refusal(Disposition.SKIP, Rejection("decompression_bomb", str(exc)))) from None
     except UnidentifiedImageError:
@@ -68,15 +72,16 @@ def read_header(path: Path) -> ImageHeader:
         raise ProbeError(_fail("unreadable", str(exc) or type(exc).__name__)) from None
 
 
-def admit(header: ImageHeader, file_size: int, spec: ModelSpec) -> Refusal | None:
-    """Why this image must not be sent to ``spec``'s model, or None when it may be."""
-    rejection = check_image(spec.limits, header.width, header.height)
-    if rejection is not None:
-        return Refusal(Disposition.SKIP, rejection)
-    if header.sendable_as_is and file_size > max_image_bytes(spec.limits):
-        detail = f"{file_size} bytes encode to more than the {spec.limits.max_body_bytes}-byte request cap"
-        return Refusal(Disposition.SKIP, Rejection("body_too_large", detail))
-    return None
+def _header(im: Image.Image) -> ImageHeader:
+    """Fields read from the parsed header only (EXIF is in the header for JPEG, PNG, WebP, TIFF)."""
+    try:
+        orientation = int(im.getexif().get(0x0112, 1))
+    except (OSError, ValueError, SyntaxError, TypeError):
+        orientation = 1  # unreadable EXIF is not a reason to refuse the picture
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    return ImageHeader(im.format or "unknown", im.width, im.height, im.mode,
+                       orientation if 1 <= orientation <= 8 else 1, has_alpha,
+                       bool(getattr(im, "is_animated", False)))
 
 
 def _fail(code: str, detail: str) -> Refusal:

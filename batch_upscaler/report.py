@@ -26,8 +26,9 @@ from batch_upscaler.checkpoint import Checkpoint, ItemState
 from batch_upscaler.discovery import parse_source
 from batch_upscaler.settings import JobSettings
 
-CSV_COLUMNS = ("source", "output", "status", "input_width", "input_height", "output_width", "output_height",
-               "scale_factor", "attempts", "throttles", "error_code", "error_message")
+CSV_COLUMNS = ("source", "output", "status", "input_width", "input_height", "sent_width", "sent_height",
+               "output_width", "output_height", "scale_factor", "attempts", "throttles", "dedup_of",
+               "error_code", "error_message")
 _MD_LIST_LIMIT = 50
 
 
@@ -43,6 +44,7 @@ class Summary:
     reason_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     attempts: int = 0
     throttled_attempts: int = 0
+    requests_saved: int = 0  # outputs copied from an identical image instead of a request
 
     def scale_stats(self) -> dict[str, float | None]:
         values = self.scale_factors
@@ -75,6 +77,7 @@ class ReportWriter:
         for row in self.checkpoint.items():
             summary.attempts += row["attempts"]
             summary.throttled_attempts += row["throttles"]
+            summary.requests_saved += row["dedup_of"] is not None
             factor = _scale_factor(row)
             if factor is not None:
                 summary.scale_factors.append(factor)
@@ -102,6 +105,7 @@ class ReportWriter:
                        ("discovered", "succeeded", "failed", "skipped", "pending", "in_progress")},
             "requests": summary.attempts,
             "throttled_attempts": summary.throttled_attempts,
+            "requests_saved_by_dedup": summary.requests_saved,
             # Throttled attempts never reached the model; every other attempt may have been billed.
             "estimated_cost_usd": round((summary.attempts - summary.throttled_attempts)
                                         * self.settings.model.price_usd, 2),
@@ -119,8 +123,9 @@ class ReportWriter:
             item = self._item(row)
             js.write(("," if n else "") + "\n    " + json.dumps(item, ensure_ascii=False))
             table.writerow([item["source"], item["output"], item["status"], *(item["input_size"] or [None, None]),
-                            *(item["output_size"] or [None, None]), item["scale_factor"], item["attempts"],
-                            item["throttles"], item["error_code"], item["error_message"]])
+                            *(item["sent_size"] or [None, None]), *(item["output_size"] or [None, None]),
+                            item["scale_factor"], item["attempts"], item["throttles"], item["dedup_of"],
+                            item["error_code"], item["error_message"]])
         js.write("\n  ]\n}\n")
 
     def _item(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -130,10 +135,12 @@ class ReportWriter:
             "output": str(self.settings.output_dir / row["output_path"]) if succeeded else None,
             "status": row["state"],
             "input_size": [row["width"], row["height"]] if row["width"] else None,
+            "sent_size": [row["sent_width"], row["sent_height"]] if row["sent_width"] else None,
             "output_size": [row["output_width"], row["output_height"]] if row["output_width"] else None,
             "scale_factor": _scale_factor(row),
             "attempts": row["attempts"],
             "throttles": row["throttles"],
+            "dedup_of": row["dedup_of"],
             "error_code": row["error_code"],
             "error_message": row["error_message"],
         }
@@ -161,11 +168,12 @@ def render_markdown(header: dict[str, Any], summary: Summary) -> str:
     out.write(f"# Upscale report: {header['job']}\n\n")
     out.write(f"Model **{header['model']}** (`{header['model_id']}`) via {header['backend']}; "
               f"last run {header['started_at']} → {header['finished_at']}.\n\n")
-    out.write("| discovered | succeeded | failed | skipped | pending | requests | throttled | est. cost |\n")
-    out.write("|---|---|---|---|---|---|---|---|\n")
+    out.write("| discovered | succeeded | failed | skipped | pending | requests | throttled | saved by dedup "
+              "| est. cost |\n")
+    out.write("|---|---|---|---|---|---|---|---|---|\n")
     out.write(f"| {t['discovered']} | {t['succeeded']} | {t['failed']} | {t['skipped']} | "
               f"{t['pending'] + t['in_progress']} | {header['requests']} | {header['throttled_attempts']} | "
-              f"${header['estimated_cost_usd']:.2f} (estimate) |\n\n")
+              f"{header['requests_saved_by_dedup']} | ${header['estimated_cost_usd']:.2f} (estimate) |\n\n")
     sf = header["scale_factor"]
     if sf["median"] is not None:
         out.write(f"Scale factor (output width / input width): min {sf['min']}, median {sf['median']}, "

@@ -12,23 +12,18 @@ For each discovered file the cheap fingerprint (size, mtime) and the parameters 
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState, Known, Scanned
 from batch_upscaler.discovery import EntryKind, Found
-from batch_upscaler.outputs import OutputPathError, OutputStore, output_relpath
-from batch_upscaler.probe import Disposition, ProbeError, admit, read_header
-from batch_upscaler.settings import JobSettings
-
-
-def params_fingerprint(base_model_id: str, params: Mapping[str, Any]) -> str:
-    """Hash of everything besides the image that affects the result."""
-    canonical = json.dumps({"model": base_model_id, "params": dict(params)}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+from batch_upscaler.fitting import Fit, fit
+from batch_upscaler.naming import NameParts, NamingError, render
+from batch_upscaler.outputs import OutputStore
+from batch_upscaler.probe import ImageHeader, ProbeError, read_header
+from batch_upscaler.settings import JobSettings, request_fingerprint
 
 
 def file_sha256(path: Path) -> str:
@@ -55,7 +50,7 @@ class Scanner:
         self.settings = settings
         self.checkpoint = checkpoint
         self.outputs = outputs
-        self.params_hash = params_fingerprint(settings.model.base_id, settings.params)
+        self.params_hash = request_fingerprint(settings)
         self.summary = ScanSummary()
 
     def run(self, found: Iterable[Found]) -> ScanSummary:
@@ -95,24 +90,31 @@ class Scanner:
         if item.kind is EntryKind.NOT_REGULAR:
             return self._refused(base, ItemState.FAILED, "not_a_file", "not a regular file")
         try:
-            base["output_path"] = output_relpath(item.relpath, self.settings.output_format.extension)
-        except OutputPathError as exc:
+            header = read_header(item.path)
+        except ProbeError as exc:
+            state = ItemState(exc.refusal.disposition.value)
+            return self._refused(base, state, exc.refusal.rejection.code, exc.refusal.rejection.detail)
+        plan = fit(header, self.settings.model.limits, self.settings.prepare)
+        base.update(format=header.pil_format, width=header.width, height=header.height)
+        if isinstance(plan, Fit):  # the report compares outputs with the upright source
+            base.update(width=plan.upright_size[0], height=plan.upright_size[1])
+        else:
+            return self._refused(base, ItemState.SKIPPED, plan.code, plan.detail)
+        try:
+            base["output_path"] = self._output_path(item, header, plan)
+        except NamingError as exc:
             return self._refused(base, ItemState.FAILED, "bad_output_path", str(exc))
         owner = self.checkpoint.output_owner(base["output_path"], item.key)
         if owner is not None:
             return self._refused(base, ItemState.FAILED, "output_conflict",
                                  f"{base['output_path']} is already the output of {owner}")
-        try:
-            header = read_header(item.path)
-        except ProbeError as exc:
-            state = ItemState(exc.refusal.disposition.value)
-            return self._refused(base, state, exc.refusal.rejection.code, exc.refusal.rejection.detail)
-        base.update(format=header.pil_format, width=header.width, height=header.height)
-        refusal = admit(header, item.size, self.settings.model)
-        if refusal is not None:
-            state = ItemState.SKIPPED if refusal.disposition is Disposition.SKIP else ItemState.FAILED
-            return self._refused(base, state, refusal.rejection.code, refusal.rejection.detail)
-        return Scanned(state=ItemState.PENDING, **base)  # type: ignore[arg-type]
+        return Scanned(state=ItemState.PENDING, **base)
+
+    def _output_path(self, item: Found, header: ImageHeader, plan: Fit) -> str:
+        settings = self.settings
+        out_width = settings.model.output_size(*plan.sent_size)[0]
+        parts = NameParts(item.relpath, settings.model.name.value, plan.output_scale(out_width))
+        return render(settings.naming, parts, settings.output_format.for_source(header.pil_format).extension)
 
     def _refused(self, base: dict[str, Any], state: ItemState, code: str, detail: str) -> Scanned:
         self.summary.refused[code] = self.summary.refused.get(code, 0) + 1

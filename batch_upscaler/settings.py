@@ -6,6 +6,9 @@ Nothing below the CLI reads the environment or a file to learn a setting: it get
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -25,10 +28,60 @@ class OutputFormat(StrEnum):
     PNG = "png"
     JPEG = "jpeg"
     WEBP = "webp"
+    SAME = "same"  # the accepted format closest to each source's (TIFF, BMP, GIF, ... -> png)
 
     @property
     def extension(self) -> str:
         return ".jpg" if self is OutputFormat.JPEG else f".{self.value}"
+
+    def for_source(self, pil_format: str | None) -> OutputFormat:
+        """The concrete format an item's output gets (resolves ``same``)."""
+        if self is not OutputFormat.SAME:
+            return self
+        return {"JPEG": OutputFormat.JPEG, "MPO": OutputFormat.JPEG, "WEBP": OutputFormat.WEBP}.get(
+            pil_format or "", OutputFormat.PNG)
+
+
+class Oversize(StrEnum):
+    DOWNSCALE = "downscale"
+    SKIP = "skip"
+
+
+class Undersize(StrEnum):
+    SKIP = "skip"
+    ENLARGE = "enlarge"
+
+
+class AspectPolicy(StrEnum):
+    PAD = "pad"
+    SKIP = "skip"
+
+
+class AlphaPolicy(StrEnum):
+    FLATTEN = "flatten"
+    KEEP = "keep"
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """How a source image is made into a valid request (defaults suit photo archives)."""
+
+    apply_orientation: bool = True
+    oversize: Oversize = Oversize.DOWNSCALE
+    undersize: Undersize = Undersize.SKIP
+    aspect: AspectPolicy = AspectPolicy.PAD
+    alpha: AlphaPolicy = AlphaPolicy.FLATTEN
+    background: tuple[int, int, int] = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class MetadataSettings:
+    """What is carried from each source to its output (spliced in, never re-encoded)."""
+
+    exif: bool = True
+    gps: bool = True
+    icc: bool = True
+    mtime: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,6 +128,9 @@ class JobSettings:
     state_dir: Path
     report_dir: Path
     emulator: EmulatorSettings = field(default_factory=EmulatorSettings)
+    naming: str = "{relpath}"
+    prepare: PrepareSettings = field(default_factory=PrepareSettings)
+    metadata: MetadataSettings = field(default_factory=MetadataSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
@@ -95,3 +151,11 @@ class RunOptions:
     limit: int | None = None  # at most this many items are started
     retry_failed: bool = False  # failed items become pending again
     show_progress: bool | None = None  # None: only when stderr is a terminal
+
+
+def request_fingerprint(settings: JobSettings) -> str:
+    """Hash of everything besides the image that affects what is sent or returned."""
+    canonical = json.dumps({"model": settings.model.base_id, "params": dict(settings.params),
+                            "output_format": settings.output_format.value,
+                            "prepare": dataclasses.asdict(settings.prepare)}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -40,11 +40,16 @@ def doc_problems(tmp_path: Path, doc: dict[str, Any]) -> list[str]:
     ({"name": "a b/c"}, "name: must be 1-64 letters"),
     ({"sources": []}, "sources: must be a non-empty list of strings, got list"),
     ({"sources": ["ok", 3]}, "sources: item 1 must be a non-empty string, got int"),
-    ({"output": {"format": "gif"}}, "output.format: must be one of png, jpeg, webp, got 'gif'"),
+    ({"output": {"format": "gif"}}, "output.format: must be one of png, jpeg, webp, same, got 'gif'"),
     ({"model": {"name": "turbo"}}, "model.name: must be one of conservative, creative, fast, got 'turbo'"),
     ({"backend": "azure"}, "backend: must be one of bedrock, emulator, got 'azure'"),
     ({"bedrock": {"endpoint_url": "localhost:80"}}, "bedrock.endpoint_url: must be an http(s) URL"),
     ({"emulator": {"latency_s": -1}}, "emulator.latency_s: must be ≥ 0, got -1"),
+    ({"output": {"naming": "{stem}-{size}"}}, "output.naming: unknown field(s) {size}"),
+    ({"output": {"naming": "fixed"}}, "output.naming: must use at least one field"),
+    ({"output": {"metadata": {"gps": "no"}}}, "output.metadata.gps: must be true or false, got str 'no'"),
+    ({"prepare": {"oversize": "crop"}}, "prepare.oversize: must be one of downscale, skip, got 'crop'"),
+    ({"prepare": {"background": "white"}}, "prepare.background: must be a colour like '#ffffff'"),
 ])
 def test_bad_values_name_their_key_path(tmp_path: Path, overrides: dict[str, Any], expected: str) -> None:
     problems = doc_problems(tmp_path, manifest_doc(**overrides))
@@ -109,7 +114,7 @@ def test_layers_merge_flags_over_manifest_over_config_over_builtin(tmp_path: Pat
     assert settings.output_dir == tmp_path / "out"
     assert settings.state_dir == tmp_path / ".batch-upscaler"
     assert settings.report_dir == tmp_path / ".batch-upscaler" / "reports" / "job"
-    assert dict(settings.params) == {"prompt": "a sharp photo", "output_format": "png"}
+    assert dict(settings.params) == {"prompt": "a sharp photo"}
 
 
 def test_config_file_errors_name_the_config_file(tmp_path: Path) -> None:

@@ -27,6 +27,8 @@ class RequestRecord:
     fault: str | None
     output_size: tuple[int, int] | None
     duration_s: float
+    image_format: str | None = None  # jpeg | png | webp | unknown, sniffed from the decoded image
+    params: Mapping[str, Any] | None = None  # the body's parameters other than ``image``
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -30,7 +31,7 @@ from batch_upscaler.emulator.request import (
 )
 from batch_upscaler.emulator.requestlog import RequestLog, RequestRecord
 from batch_upscaler.emulator.settings import EmulatorConfig
-from batch_upscaler.emulator.upscale import ImageRejected, UpscaleResult, upscale
+from batch_upscaler.emulator.upscale import ImageRejected, UpscaleResult, sniff_format, upscale
 
 # Above the 25,000,000-byte Bedrock cap so that *our* ValidationException answers, not aiohttp's 413.
 CLIENT_MAX_SIZE = 64 * 1024 * 1024
@@ -56,13 +57,15 @@ class _Exchange:
     output_size: tuple[int, int] | None = None
     fault: FaultKind | None = None
     error_type: str | None = None
+    image_format: str | None = None
+    params: dict[str, Any] | None = None
 
     def record(self, status: int, now: float) -> RequestRecord:
         return RequestRecord(
             seq=self.seq, at=time.time(), model_id=self.model_id, image_sha256=self.image_sha256,
             input_size=self.input_size, status=status, error_type=self.error_type,
             fault=None if self.fault is None else str(self.fault), output_size=self.output_size,
-            duration_s=max(0.0, now - self.started),
+            duration_s=max(0.0, now - self.started), image_format=self.image_format, params=self.params,
         )
 
 
@@ -156,6 +159,8 @@ class _Invoker:
         self._take_quota(spec)
         invoke = await asyncio.to_thread(parse_body, body, spec)
         exchange.image_sha256 = invoke.image_sha256
+        exchange.image_format = sniff_format(invoke.image)
+        exchange.params = dict(invoke.params)
         fault = self._picker.pick(invoke.image_sha256)
         exchange.fault = None if fault is FaultKind.NONE else fault
         error = fault_error(fault, exchange.model_id)

@@ -49,6 +49,17 @@ def upscale(image: bytes, spec: ModelSpec, output_format: str, *,
     return UpscaleResult(data, output_format, input_size, size)
 
 
+def sniff_format(image: bytes) -> str:
+    """The container format from the first bytes (no decode), for the request log."""
+    if image.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if image.startswith(b"\xff\xd8"):
+        return "jpeg"
+    if image[:4] == b"RIFF" and image[8:12] == b"WEBP":
+        return "webp"
+    return "unknown"
+
+
 def open_checked(image: bytes, spec: ModelSpec) -> Image.Image:
     """The decoded image, or ImageRejected when it is undecodable or outside the model's limits."""
     try:

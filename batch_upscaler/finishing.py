@@ -1,0 +1,44 @@
+"""Finishing: make the returned image into the output file's bytes.
+
+Normally that is the returned bytes with the source's metadata spliced in (EXIF with Orientation
+reset to 1 and GPS optionally removed, ICC profile), with no decode and no re-encode. Only a padded
+request costs a decode: the padding is cropped off so the output keeps the source's aspect ratio.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+from PIL import Image
+
+from batch_upscaler.fitting import Fit
+from batch_upscaler.metadata import SourceMetadata, inject, prepare_exif
+from batch_upscaler.settings import MetadataSettings
+
+
+def carried_metadata(meta: SourceMetadata, settings: MetadataSettings, *, colour_converted: bool) -> SourceMetadata:
+    """The part of the source's metadata the output gets."""
+    exif = prepare_exif(meta.exif, strip_gps=not settings.gps) if settings.exif and meta.exif else None
+    # A CMYK profile does not describe the RGB pixels we sent, so it is not carried over.
+    icc = meta.icc_profile if settings.icc and not colour_converted else None
+    return replace(meta, exif=exif, icc_profile=icc)
+
+
+def finish(returned: bytes, plan: Fit, meta: SourceMetadata) -> bytes:
+    """The output file's bytes for one returned image."""
+    image = _crop_padding(returned, plan) if plan.content_box is not None else returned
+    return inject(image, meta)
+
+
+def _crop_padding(returned: bytes, plan: Fit) -> bytes:
+    assert plan.content_box is not None
+    with Image.open(io.BytesIO(returned)) as im:
+        fmt = im.format or "PNG"
+        sx, sy = im.width / plan.sent_size[0], im.height / plan.sent_size[1]
+        left, top, right, bottom = plan.content_box
+        cropped = im.crop((round(left * sx), round(top * sy), round(right * sx), round(bottom * sy)))
+        out = io.BytesIO()
+        options = {"PNG": {"compress_level": 1}, "JPEG": {"quality": 95}, "WEBP": {"quality": 90}}.get(fmt, {})
+        cropped.save(out, format=fmt, **options)
+        return out.getvalue()

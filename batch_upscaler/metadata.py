@@ -1,0 +1,484 @@
+"""Carry a source photo's EXIF and ICC profile over to an upscaled output by splicing encoded bytes.
+
+The remote model returns PNG, JPEG or WebP bytes without metadata. Decoding and re-encoding a ~10 MP output
+just to attach metadata would cost seconds per image, so this module never touches pixels: it reads the
+source's metadata from headers only and inserts PNG chunks, JPEG APP segments or WebP RIFF chunks into the
+output's existing byte stream.
+
+Typical use::
+
+    meta = read_metadata(source_path)
+    if meta.exif is not None:
+        meta = replace(meta, exif=prepare_exif(meta.exif, strip_gps=True))
+    result = inject_with_report(output_bytes, meta)  # or inject() for just the bytes
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from PIL import Image, TiffImagePlugin
+
+EXIF_HEADER: Final = b"Exif\x00\x00"
+ORIENTATION: Final = 0x0112
+GPS_IFD: Final = 0x8825
+
+# TIFF field type -> bytes per value (BYTE, ASCII, SHORT, LONG, RATIONAL, SBYTE, UNDEFINED, SSHORT, SLONG,
+# SRATIONAL, FLOAT, DOUBLE, IFD); EXIF never uses the BigTIFF types.
+_TIFF_TYPE_SIZES: Final = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+_SHORT: Final = 3
+
+# IFD0 tags that describe the photo rather than a TIFF file's own pixel layout. TIFF sources mix both in IFD0,
+# and copying StripOffsets, BitsPerSample etc. into the output's EXIF would describe pixels that are not there.
+_DESCRIPTIVE_IFD0_TAGS: Final = frozenset({
+    0x010D, 0x010E, 0x010F, 0x0110, 0x0112, 0x011A, 0x011B, 0x0128, 0x0131, 0x0132, 0x013B, 0x013C,
+    0x0213, 0x4746, 0x4749, 0x8298, 0x8769, 0x8825, 0x9C9B, 0x9C9C, 0x9C9D, 0x9C9E, 0x9C9F,
+})
+
+_PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
+# iCCP overrides gAMA/cHRM and must not coexist with sRGB; cICP would take precedence over our profile.
+_PNG_COLOUR_CHUNKS: Final = frozenset({b"iCCP", b"sRGB", b"gAMA", b"cHRM", b"cICP"})
+_PNG_GREY_TYPES: Final = frozenset({0, 4})
+
+_JPEG_SOI: Final = b"\xff\xd8"
+_JPEG_APP0, _JPEG_APP1, _JPEG_APP2, _JPEG_SOS, _JPEG_EOI = 0xE0, 0xE1, 0xE2, 0xDA, 0xD9
+# SOFn markers carry the component count; C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
+_JPEG_SOF_MARKERS: Final = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE_MARKERS: Final = frozenset({0x01, *range(0xD0, 0xD8)})
+_JPEG_MAX_PAYLOAD: Final = 0xFFFF - 2  # the 16-bit segment length counts its own two bytes
+_JPEG_MAX_EXIF: Final = _JPEG_MAX_PAYLOAD - len(EXIF_HEADER)
+_ICC_SIGNATURE: Final = b"ICC_PROFILE\x00"
+_ICC_CHUNK: Final = _JPEG_MAX_PAYLOAD - len(_ICC_SIGNATURE) - 2  # 65519: room for sequence number and count
+_JPEG_COLOUR_SPACES: Final = {1: b"GRAY", 3: b"RGB ", 4: b"CMYK"}
+
+_WEBP_ICC, _WEBP_ALPHA, _WEBP_EXIF = 0x20, 0x10, 0x08
+_WEBP_IMAGE_CHUNKS: Final = frozenset({b"VP8 ", b"VP8L", b"ALPH", b"ANIM", b"ANMF"})
+
+_Span = tuple[bytes, int, int]  # (chunk type, start offset, end offset) of one chunk/segment in a file
+
+
+@dataclass(frozen=True)
+class SourceMetadata:
+    """Metadata worth carrying over: raw TIFF-structured EXIF (no ``Exif\\0\\0`` prefix) and an ICC profile."""
+
+    exif: bytes | None
+    icc_profile: bytes | None
+
+
+@dataclass(frozen=True)
+class Injected:
+    """The output bytes plus a human-readable reason for every metadata part that could not be carried over."""
+
+    data: bytes
+    skipped: tuple[str, ...] = ()
+
+
+class _MalformedError(ValueError):
+    """The output image's container structure is not what its signature promises."""
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_metadata(source: str | os.PathLike[str] | bytes) -> SourceMetadata:
+    """Read EXIF and ICC from any Pillow-readable image, parsing headers only (pixels are never decoded)."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        icc = im.info.get("icc_profile") or None
+        exif = _exif_from_info(im.info.get("exif"), im.info.get("Raw profile type exif"))
+        if exif is None and isinstance(im, TiffImagePlugin.TiffImageFile):
+            exif = _tiff_exif(im)
+        image_format = im.format
+    if exif is None and image_format == "PNG":
+        # Pillow only sees chunks before IDAT until the pixels are loaded; eXIf may legally follow IDAT.
+        exif = _png_late_exif(source if isinstance(source, bytes) else Path(source).read_bytes())
+    return SourceMetadata(exif=exif, icc_profile=icc if isinstance(icc, bytes) else None)
+
+
+def _as_tiff(payload: bytes) -> bytes | None:
+    """The TIFF structure inside an EXIF payload, or None if there is none (some writers double the prefix)."""
+    while payload.startswith(EXIF_HEADER):
+        payload = payload[len(EXIF_HEADER):]
+    return payload if payload[:4] in (b"II*\x00", b"MM\x00*") else None
+
+
+def _exif_from_info(raw: object, legacy: object) -> bytes | None:
+    """EXIF from Pillow's ``info``: the usual bytes, else ImageMagick's hex-encoded PNG text chunk."""
+    if not isinstance(raw, bytes) and isinstance(legacy, str):
+        try:
+            raw = bytes.fromhex("".join(legacy.split("\n")[3:]))
+        except ValueError:
+            return None
+    return _as_tiff(raw) if isinstance(raw, bytes) else None
+
+
+def _tiff_exif(im: TiffImagePlugin.TiffImageFile) -> bytes | None:
+    # For TIFF, getexif() parses IFD0 from the open file without decoding strips (PNG's getexif would load pixels).
+    exif = im.getexif()
+    for tag in [tag for tag in exif if tag not in _DESCRIPTIVE_IFD0_TAGS]:
+        del exif[tag]
+    return _as_tiff(exif.tobytes()) if len(exif) else None
+
+
+def _png_late_exif(data: bytes) -> bytes | None:
+    try:
+        chunks = _png_chunks(data)
+    except _MalformedError:
+        return None
+    for ctype, start, end in chunks:
+        if ctype == b"eXIf":
+            return _as_tiff(data[start + 8:end - 4])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- EXIF editing
+
+
+def prepare_exif(exif: bytes, *, strip_gps: bool) -> bytes:
+    """EXIF for an upright output: Orientation = 1, thumbnail IFD dropped and, if asked, GPS removed.
+
+    Edits the TIFF structure in place instead of using ``PIL.Image.Exif.tobytes()``, which rewrites every
+    sub-IFD (UNDEFINED tags become BYTE, SRATIONAL may become RATIONAL) and moves data, breaking the absolute
+    offsets inside maker notes. Raises ValueError if ``exif`` is not a readable TIFF structure.
+    """
+    tiff = bytearray(_as_tiff(exif) or b"")
+    order = _tiff_byte_order(tiff)
+    (ifd0,) = struct.unpack_from(order + "I", tiff, 4)
+    raw_entries = _ifd_entries(tiff, order, ifd0)
+    entries = {_entry_tag(entry, order): entry for entry in raw_entries}
+    # The pixels sent for upscaling were already rotated upright, so viewers must not rotate them again.
+    entries[ORIENTATION] = struct.pack(order + "HHIH2x", ORIENTATION, _SHORT, 1, 1)
+    gps = entries.pop(GPS_IFD, None) if strip_gps else None
+    if gps is not None:
+        # Unlinking alone would leave the coordinates in the file for anyone who scans the bytes.
+        _scrub_ifd(tiff, order, struct.unpack_from(order + "I", gps, 8)[0])
+    # Next-IFD offset 0 drops IFD1: its thumbnail shows the un-rotated source, which would now display sideways.
+    table = struct.pack(order + "H", len(entries)) + b"".join(entries[t] for t in sorted(entries)) + bytes(4)
+    _store_ifd0(tiff, order, ifd0, 2 + 12 * len(raw_entries) + 4, table)
+    return bytes(tiff)
+
+
+def _tiff_byte_order(tiff: bytes | bytearray) -> str:
+    if tiff[:4] == b"II*\x00":
+        return "<"
+    if tiff[:4] == b"MM\x00*":
+        return ">"
+    raise ValueError("EXIF is not TIFF-structured (no II*/MM* header)")
+
+
+def _ifd_entries(tiff: bytes | bytearray, order: str, offset: int) -> list[bytes]:
+    """The raw 12-byte entries of the IFD at ``offset``; ValueError if it does not fit in the payload."""
+    if offset < 8 or offset + 2 > len(tiff):
+        raise ValueError(f"EXIF IFD offset {offset} is outside the {len(tiff)}-byte payload")
+    (count,) = struct.unpack_from(order + "H", tiff, offset)
+    if offset + 2 + 12 * count + 4 > len(tiff):
+        raise ValueError(f"EXIF IFD at {offset} with {count} entries runs past the end of the payload")
+    return [bytes(tiff[offset + 2 + 12 * i:offset + 14 + 12 * i]) for i in range(count)]
+
+
+def _entry_tag(entry: bytes, order: str) -> int:
+    tag: int = struct.unpack_from(order + "H", entry)[0]
+    return tag
+
+
+def _value_span(entry: bytes, order: str, limit: int) -> tuple[int, int] | None:
+    """Where an entry's value lives when it is too big to sit inside the entry (None if inline or bogus)."""
+    _, field_type, count, start = struct.unpack(order + "HHII", entry)
+    size = _TIFF_TYPE_SIZES.get(field_type, 0) * count
+    if size <= 4 or start < 8 or start + size > limit:  # never touch the 8-byte header
+        return None
+    return start, start + size
+
+
+def _scrub_ifd(tiff: bytearray, order: str, offset: int) -> None:
+    """Zero an IFD's table and out-of-line values; a dangling pointer simply has nothing to scrub."""
+    try:
+        entries = _ifd_entries(tiff, order, offset)
+    except ValueError:
+        return
+    for entry in entries:
+        if span := _value_span(entry, order, len(tiff)):
+            tiff[span[0]:span[1]] = bytes(span[1] - span[0])
+    end = offset + 2 + 12 * len(entries) + 4
+    tiff[offset:end] = bytes(end - offset)  # reads back as an empty IFD if anything still points here
+
+
+def _store_ifd0(tiff: bytearray, order: str, offset: int, old_size: int, table: bytes) -> None:
+    if len(table) <= old_size:
+        tiff[offset:offset + old_size] = table.ljust(old_size, b"\x00")
+        return
+    # A grown table would overwrite whatever follows it, so append it (IFDs start on a word boundary) and
+    # repoint the header; values stay where they are because TIFF offsets are absolute.
+    if len(tiff) % 2:
+        tiff.append(0)
+    struct.pack_into(order + "I", tiff, 4, len(tiff))
+    tiff += table
+
+
+# ---------------------------------------------------------------------------------------------- injection
+
+
+def inject(image: bytes, meta: SourceMetadata) -> bytes:
+    """``image`` with ``meta`` spliced in; unchanged for unknown formats, malformed files or empty metadata."""
+    return inject_with_report(image, meta).data
+
+
+def inject_with_report(image: bytes, meta: SourceMetadata) -> Injected:
+    """Like :func:`inject`, also saying which metadata parts were left out and why."""
+    if meta.exif is None and meta.icc_profile is None:
+        return Injected(image)
+    splicer = _splicer_for(image)
+    if splicer is None:
+        return Injected(image, ("output format not recognised: metadata not injected",))
+    exif = None if meta.exif is None else _as_tiff(meta.exif)
+    skipped = ("exif: not TIFF-structured",) if meta.exif is not None and exif is None else ()
+    try:
+        result = splicer(image, exif, meta.icc_profile)
+    except _MalformedError as exc:
+        return Injected(image, (f"output image malformed, metadata not injected: {exc}",))
+    return Injected(result.data, skipped + result.skipped)
+
+
+def _splicer_for(image: bytes) -> Callable[[bytes, bytes | None, bytes | None], Injected] | None:
+    if image.startswith(_PNG_SIGNATURE):
+        return _splice_png
+    if image.startswith(_JPEG_SOI + b"\xff"):
+        return _splice_jpeg
+    if image[:4] == b"RIFF" and image[8:12] == b"WEBP":
+        return _splice_webp
+    return None
+
+
+def _icc_problem(profile: bytes, colour_space: bytes) -> str | None:
+    """Why ``profile`` cannot describe an image in ``colour_space`` (ICC signature like b"RGB "), else None."""
+    if len(profile) < 128 or profile[36:40] != b"acsp":
+        return "icc: not an ICC profile (no 'acsp' signature)"
+    if profile[16:20] != colour_space:
+        # e.g. a CMYK print profile on an RGB output would make colour-managed viewers render garbage
+        return f"icc: profile colour space {profile[16:20]!r} does not match the image's {colour_space!r}"
+    return None
+
+
+def _join(parts: Sequence[bytes | memoryview]) -> bytes:
+    return b"".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- PNG
+
+
+def _png_chunks(data: bytes) -> list[_Span]:
+    """Every chunk up to and including IEND; trailing bytes after IEND are not chunks."""
+    if not data.startswith(_PNG_SIGNATURE):
+        raise _MalformedError("no PNG signature")
+    chunks: list[_Span] = []
+    pos = len(_PNG_SIGNATURE)
+    while not chunks or chunks[-1][0] != b"IEND":
+        if pos + 12 > len(data):
+            raise _MalformedError("PNG ends before IEND")
+        (length,) = struct.unpack_from(">I", data, pos)
+        end = pos + 12 + length
+        if end > len(data):
+            raise _MalformedError(f"PNG chunk {data[pos + 4:pos + 8]!r} runs past the end of the file")
+        chunks.append((data[pos + 4:pos + 8], pos, end))
+        pos = end
+    if chunks[0][0] != b"IHDR" or chunks[0][2] - chunks[0][1] != 25:
+        raise _MalformedError("PNG does not start with a 13-byte IHDR")
+    return chunks
+
+
+def _png_chunk(ctype: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + ctype + payload + struct.pack(">I", zlib.crc32(ctype + payload))
+
+
+def _splice_png(image: bytes, exif: bytes | None, icc: bytes | None) -> Injected:
+    chunks = _png_chunks(image)
+    colour_type = image[chunks[0][1] + 17]  # IHDR: width(4) height(4) depth(1) colour type(1)
+    problem = None if icc is None else _icc_problem(icc, b"GRAY" if colour_type in _PNG_GREY_TYPES else b"RGB ")
+    new: list[bytes] = []
+    drop: set[bytes] = set()
+    if icc is not None and problem is None:
+        # name, NUL, compression method 0 (zlib); iCCP must precede PLTE and IDAT, so it goes right after IHDR
+        new.append(_png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc)))
+        drop |= _PNG_COLOUR_CHUNKS
+    if exif is not None:
+        new.append(_png_chunk(b"eXIf", exif))  # eXIf must precede IDAT; only one is allowed
+        drop.add(b"eXIf")
+    skipped = (problem,) if problem else ()
+    if not new:
+        return Injected(image, skipped)
+    view = memoryview(image)
+    kept = [view[start:end] for ctype, start, end in chunks[1:] if ctype not in drop]
+    ihdr_end = chunks[0][2]
+    return Injected(_join([view[:ihdr_end], *new, *kept, view[chunks[-1][2]:]]), skipped)
+
+
+# ---------------------------------------------------------------------------------------------- JPEG
+
+
+def _jpeg_header_segments(data: bytes) -> tuple[list[_Span], int]:
+    """The marker segments between SOI and the first SOS, and the offset of that SOS."""
+    segments: list[_Span] = []
+    pos = len(_JPEG_SOI)
+    while True:
+        if pos + 4 > len(data) or data[pos] != 0xFF:
+            raise _MalformedError(f"no JPEG marker at offset {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE_MARKERS:
+            pos += 2
+            continue
+        if marker == _JPEG_EOI:
+            raise _MalformedError("JPEG has no scan (EOI before SOS)")
+        end = pos + 2 + struct.unpack_from(">H", data, pos + 2)[0]
+        if end > len(data) or end < pos + 4:
+            raise _MalformedError(f"JPEG segment 0x{marker:02X} at {pos} has a bad length")
+        if marker == _JPEG_SOS:
+            return segments, pos
+        segments.append((bytes((marker,)), pos, end))
+        pos = end
+
+
+def _jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def _jpeg_colour_space(data: bytes, segments: list[_Span]) -> bytes:
+    for marker, start, end in segments:
+        if marker[0] in _JPEG_SOF_MARKERS and end - start >= 10:
+            # SOF: length(2) precision(1) height(2) width(2) component count(1)
+            return _JPEG_COLOUR_SPACES.get(data[start + 9], b"????")
+    raise _MalformedError("JPEG has no SOF segment before its first scan")
+
+
+def _icc_app2_segments(profile: bytes) -> list[bytes]:
+    """The ICC spec's APP2 chain: 'ICC_PROFILE\\0', 1-based sequence number, total count, then the chunk."""
+    parts = [profile[i:i + _ICC_CHUNK] for i in range(0, len(profile), _ICC_CHUNK)]
+    return [_jpeg_segment(_JPEG_APP2, _ICC_SIGNATURE + bytes((n, len(parts))) + part)
+            for n, part in enumerate(parts, start=1)]
+
+
+def _is_app(data: bytes, span: _Span, marker: int, signature: bytes) -> bool:
+    return span[0][0] == marker and data[span[1] + 4:span[1] + 4 + len(signature)] == signature
+
+
+def _splice_jpeg(image: bytes, exif: bytes | None, icc: bytes | None) -> Injected:
+    segments, sos = _jpeg_header_segments(image)
+    skipped: list[str] = []
+    if exif is not None and len(exif) > _JPEG_MAX_EXIF:
+        # One APP1 segment cannot hold it, and multi-segment EXIF is not a standard anyone reads.
+        skipped.append(f"exif: {len(exif)} bytes exceed the {_JPEG_MAX_EXIF}-byte JPEG APP1 limit")
+        exif = None
+    if icc is not None:
+        problem = _icc_problem(icc, _jpeg_colour_space(image, segments))
+        if problem is None and len(icc) > 255 * _ICC_CHUNK:  # the sequence number is one byte
+            problem = f"icc: {len(icc)} bytes need more than 255 APP2 segments"
+        if problem is not None:
+            skipped.append(problem)
+            icc = None
+    if exif is None and icc is None:
+        return Injected(image, tuple(skipped))
+    new = [_jpeg_segment(_JPEG_APP1, EXIF_HEADER + exif)] if exif is not None else []
+    new += _icc_app2_segments(icc) if icc is not None else []
+    kept = [span for span in segments
+            if not (exif is not None and _is_app(image, span, _JPEG_APP1, EXIF_HEADER))
+            and not (icc is not None and _is_app(image, span, _JPEG_APP2, _ICC_SIGNATURE))]
+    # JFIF (and its JFXX extension) must stay directly after SOI; EXIF and ICC follow it.
+    lead = next((i for i, span in enumerate(kept) if span[0][0] != _JPEG_APP0), len(kept))
+    view = memoryview(image)
+    parts = [view[start:end] for _, start, end in kept]
+    return Injected(_join([_JPEG_SOI, *parts[:lead], *new, *parts[lead:], view[sos:]]), tuple(skipped))
+
+
+# ---------------------------------------------------------------------------------------------- WebP
+
+
+def _riff_chunks(data: bytes) -> list[_Span]:
+    """The chunks of a RIFF/WEBP file; each span includes the pad byte that keeps chunks at even offsets."""
+    file_end = 8 + struct.unpack_from("<I", data, 4)[0]
+    if file_end > len(data) or file_end % 2:
+        raise _MalformedError("RIFF size does not match the file")
+    chunks: list[_Span] = []
+    pos = 12
+    while pos < file_end:
+        if pos + 8 > file_end:
+            raise _MalformedError("truncated RIFF chunk header")
+        size = struct.unpack_from("<I", data, pos + 4)[0]
+        end = pos + 8 + size + (size & 1)
+        if end > file_end:
+            raise _MalformedError(f"WebP chunk {data[pos:pos + 4]!r} runs past the RIFF end")
+        chunks.append((data[pos:pos + 4], pos, end))
+        pos = end
+    if not chunks:
+        raise _MalformedError("WebP has no chunks")
+    return chunks
+
+
+def _riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
+    return fourcc + struct.pack("<I", len(payload)) + payload + b"\x00" * (len(payload) & 1)
+
+
+def _simple_webp_header(data: bytes, chunk: _Span) -> tuple[int, bytes]:
+    """VP8X alpha flag and 24-bit canvas (width-1, height-1) read from a simple file's bitstream header."""
+    fourcc, start, end = chunk
+    head = data[start + 8:min(end, start + 18)]
+    if fourcc == b"VP8 " and len(head) == 10 and head[3:6] == b"\x9d\x01\x2a":
+        # frame tag(3) start code(3) then 14-bit width and height, each topped by 2 scaling bits
+        width, height = (struct.unpack_from("<H", head, i)[0] & 0x3FFF for i in (6, 8))
+        alpha = False
+    elif fourcc == b"VP8L" and len(head) >= 5 and head[0] == 0x2F:
+        bits = struct.unpack_from("<I", head, 1)[0]  # width-1 (14) height-1 (14) alpha_is_used (1) version (3)
+        width, height, alpha = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, bool(bits >> 28 & 1)
+    else:
+        raise _MalformedError(f"WebP does not start with a VP8X, VP8 or VP8L header (found {fourcc!r})")
+    if not width or not height:
+        raise _MalformedError("WebP bitstream declares an empty canvas")
+    canvas = struct.pack("<I", width - 1)[:3] + struct.pack("<I", height - 1)[:3]
+    return (_WEBP_ALPHA if alpha else 0), canvas
+
+
+def _splice_webp(image: bytes, exif: bytes | None, icc: bytes | None) -> Injected:
+    chunks = _riff_chunks(image)
+    if chunks[0][0] == b"VP8X":
+        start = chunks[0][1]
+        if chunks[0][2] - start < 18:
+            raise _MalformedError("VP8X chunk is shorter than 10 bytes")
+        flags, canvas, body = image[start + 8], image[start + 12:start + 18], chunks[1:]
+    else:
+        (flags, canvas), body = _simple_webp_header(image, chunks[0]), chunks
+    problem = None if icc is None else _icc_problem(icc, b"RGB ")  # WebP always decodes to RGB(A)
+    icc = None if problem else icc
+    skipped = (problem,) if problem else ()
+    if icc is None and exif is None:
+        return Injected(image, skipped)
+    drop = {fourcc for fourcc, value in ((b"ICCP", icc), (b"EXIF", exif)) if value is not None}
+    view = memoryview(image)
+    parts: list[tuple[bytes, bytes | memoryview]] = [(fourcc, view[s:e]) for fourcc, s, e in body if fourcc not in drop]
+    # Extended layout: VP8X, ICCP, image data (ALPH/VP8/VP8L or ANIM/ANMF), EXIF, then XMP and unknown chunks.
+    if exif is not None:
+        after_image = max((i + 1 for i, (fourcc, _) in enumerate(parts) if fourcc in _WEBP_IMAGE_CHUNKS), default=0)
+        parts.insert(after_image, (b"EXIF", _riff_chunk(b"EXIF", exif)))
+    if icc is not None:
+        parts.insert(0, (b"ICCP", _riff_chunk(b"ICCP", icc)))
+    present = {fourcc for fourcc, _ in parts}
+    flags = flags & ~(_WEBP_ICC | _WEBP_EXIF)
+    flags |= (_WEBP_ICC if b"ICCP" in present else 0) | (_WEBP_EXIF if b"EXIF" in present else 0)
+    chunk_data = [_riff_chunk(b"VP8X", bytes((flags, 0, 0, 0)) + canvas), *(data for _, data in parts)]
+    riff_size = 4 + sum(len(data) for data in chunk_data)
+    return Injected(_join([b"RIFF", struct.pack("<I", riff_size), b"WEBP", *chunk_data]), skipped)
+
+
+# ---------------------------------------------------------------------------------------------- file times
+
+
+def copy_mtime(source: Path, target: Path) -> None:
+    """Give ``target`` the source's access and modification times, so galleries sort outputs by capture date."""
+    stat = os.stat(source)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -1,0 +1,101 @@
+"""What carrying metadata over costs per image: byte splicing (batch_upscaler.metadata) vs Pillow decode+re-encode.
+
+Run from the repository root: ``python bench/metadata_cost.py``. The output stands in for a 4x upscale of a
+778x778 photo (3112x3112, ~10 MB as PNG): a gradient plus noise upscaled from source resolution, so it compresses
+like real upscaler output instead of to nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from PIL import Image, ImageChops, ImageCms
+from PIL.ExifTags import IFD
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from a checkout
+
+from batch_upscaler.metadata import SourceMetadata, inject_with_report, prepare_exif, read_metadata
+
+SOURCE_SIZE, OUTPUT_SIZE = (778, 778), (3112, 3112)
+FORMATS: dict[str, dict[str, object]] = {"PNG": {}, "JPEG": {"quality": 92}, "WEBP": {"quality": 90}}
+SPLICE_RUNS, REENCODE_RUNS = 20, 3
+
+
+def _photo(size: tuple[int, int], noise_size: tuple[int, int]) -> Image.Image:
+    gradient = Image.linear_gradient("L").resize(size)
+    bands = []
+    for i, angle in enumerate((0, 90, 180)):
+        noise = Image.effect_noise(noise_size, 8 + i).resize(size, Image.Resampling.BICUBIC)
+        bands.append(ImageChops.add(gradient.rotate(angle), noise, scale=1.6, offset=-60))
+    return Image.merge("RGB", bands)
+
+
+def _source_jpeg(profile: bytes) -> bytes:
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110], exif[0x0112] = "Canon", "EOS R5", 6
+    exif.get_ifd(IFD.Exif)[0x9003] = "2021:06:05 14:03:59"
+    exif.get_ifd(IFD.GPSInfo)[2] = (52.0, 31.0, 12.5)
+    out = io.BytesIO()
+    _photo(SOURCE_SIZE, SOURCE_SIZE).save(out, "JPEG", quality=92, exif=exif.tobytes(), icc_profile=profile)
+    return out.getvalue()
+
+
+def _median_ms(runs: int, work: Callable[[], object]) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def _splice(source: bytes, output: bytes) -> bytes:
+    meta = read_metadata(source)
+    if meta.exif is not None:
+        meta = replace(meta, exif=prepare_exif(meta.exif, strip_gps=True))
+    result = inject_with_report(output, meta)
+    assert not result.skipped, result.skipped
+    return result.data
+
+
+def _reencode(fmt: str, output: bytes, meta: SourceMetadata) -> bytes:
+    """The path we avoid: decode the whole output, then encode it again with the metadata attached."""
+    with Image.open(io.BytesIO(output)) as im:
+        im.load()
+        out = io.BytesIO()
+        exif = b"Exif\x00\x00" + meta.exif if meta.exif else b""  # Pillow's JPEG writer wants the APP1 prefix
+        im.save(out, fmt, exif=exif, icc_profile=meta.icc_profile, **FORMATS[fmt])
+        return out.getvalue()
+
+
+def main() -> None:
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    source = _source_jpeg(profile)
+    picture = _photo(OUTPUT_SIZE, SOURCE_SIZE)
+    meta = read_metadata(source)
+    assert meta.exif is not None
+    meta = replace(meta, exif=prepare_exif(meta.exif, strip_gps=True))
+    print(f"output {OUTPUT_SIZE[0]}x{OUTPUT_SIZE[1]}, source {len(source) / 1e3:.0f} kB JPEG with EXIF + ICC; "
+          f"median of {SPLICE_RUNS} splices / {REENCODE_RUNS} re-encodes\n")
+    print(f"{'format':<6} {'output MB':>9} {'splice ms':>10} {'re-encode ms':>13} {'re-encode/splice':>17}")
+    for fmt, params in FORMATS.items():
+        buffer = io.BytesIO()
+        picture.save(buffer, fmt, **params)
+        output = buffer.getvalue()
+        spliced = _splice(source, output)
+        with Image.open(io.BytesIO(spliced)) as im:  # sanity: the spliced file carries the metadata
+            assert im.info["icc_profile"] == profile and im.getexif()[0x010F] == "Canon"
+        splice_ms = _median_ms(SPLICE_RUNS, lambda: _splice(source, output))  # noqa: B023 - used immediately
+        reencode_ms = _median_ms(REENCODE_RUNS, lambda: _reencode(fmt, output, meta))  # noqa: B023
+        print(f"{fmt:<6} {len(output) / 1e6:>9.1f} {splice_ms:>10.2f} {reencode_ms:>13.0f} "
+              f"{reencode_ms / splice_ms:>16.0f}x")
+
+
+if __name__ == "__main__":
+    main()
