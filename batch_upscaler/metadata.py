@@ -87,9 +87,9 @@ class _MalformedError(ValueError):
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_metadata(source: str | os.PathLike[str] | bytes) -> SourceMetadata:
+def read_metadata(path_or_bytes: str | os.PathLike[str] | bytes) -> SourceMetadata:
     """Read EXIF and ICC from any Pillow-readable image, parsing headers only (pixels are never decoded)."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+    with Image.open(io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes) as im:
         icc = im.info.get("icc_profile") or None
         exif = _exif_from_info(im.info.get("exif"), im.info.get("Raw profile type exif"))
         if exif is None and isinstance(im, TiffImagePlugin.TiffImageFile):
@@ -97,7 +97,7 @@ def read_metadata(source: str | os.PathLike[str] | bytes) -> SourceMetadata:
         image_format = im.format
     if exif is None and image_format == "PNG":
         # Pillow only sees chunks before IDAT until the pixels are loaded; eXIf may legally follow IDAT.
-        exif = _png_late_exif(source if isinstance(source, bytes) else Path(source).read_bytes())
+        exif = _png_late_exif(path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes())
     return SourceMetadata(exif=exif, icc_profile=icc if isinstance(icc, bytes) else None)
 
 
@@ -165,6 +165,8 @@ def prepare_exif(exif: bytes, *, strip_gps: bool) -> bytes:
 
 
 def _tiff_byte_order(tiff: bytes | bytearray) -> str:
+    if len(tiff) < 8:
+        raise ValueError("EXIF is shorter than a TIFF header")
     if tiff[:4] == b"II*\x00":
         return "<"
     if tiff[:4] == b"MM\x00*":

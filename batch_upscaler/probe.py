@@ -17,6 +17,13 @@ from PIL import Image, UnidentifiedImageError
 
 from batch_upscaler.catalogue import Rejection
 
+try:  # HEIC/HEIF phone photos, when the optional plugin is installed (pip install 'batch-upscaler[heif]')
+    import pillow_heif  # type: ignore[import-not-found,unused-ignore]
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # pragma: no cover - depends on the environment
+    pass
+
 # Pillow format name -> the request format it can be sent as byte-for-byte.
 SENDABLE_AS_IS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
 

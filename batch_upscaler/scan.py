@@ -12,6 +12,7 @@ For each discovered file the cheap fingerprint (size, mtime) and the parameters 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from batch_upscaler.naming import NameParts, NamingError, render
 from batch_upscaler.outputs import OutputStore
 from batch_upscaler.probe import ImageHeader, ProbeError, read_header
 from batch_upscaler.settings import JobSettings, request_fingerprint
+
+log = logging.getLogger(__name__)
 
 
 def file_sha256(path: Path) -> str:
@@ -118,6 +121,8 @@ class Scanner:
 
     def _refused(self, base: dict[str, Any], state: ItemState, code: str, detail: str) -> Scanned:
         self.summary.refused[code] = self.summary.refused.get(code, 0) + 1
+        if state is ItemState.FAILED:  # skips are expected in an archive; failures need a look
+            log.warning("failed %s: %s: %s", base["key"], code, detail)
         return Scanned(state=state, error_code=code, error_message=f"{code}: {detail}", **base)
 
 

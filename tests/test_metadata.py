@@ -299,7 +299,7 @@ def test_webp_keeps_xmp_after_exif_and_handles_animation() -> None:
     fourccs = [c for c, _ in _webp_chunks(result)]
     assert fourccs[:2] == [b"VP8X", b"ICCP"] and fourccs[-1] == b"EXIF" and fourccs.count(b"ANMF") == 2
     with Image.open(io.BytesIO(result)) as im:
-        assert im.n_frames == 2 and im.getexif()[MAKE] == "Canon"
+        assert getattr(im, "n_frames", 1) == 2 and im.getexif()[MAKE] == "Canon"
 
 
 # ------------------------------------------------------------------ what is left alone
@@ -519,7 +519,9 @@ def test_prepare_exif_adds_a_missing_orientation() -> None:
     assert prepare_exif(prepared, strip_gps=False) == prepared
 
 
-@pytest.mark.parametrize("garbage", [b"", b"not exif at all", b"Exif\0\0II*\0\xff\xff\0\0", b"MM\0*\0\0\0\x08\0\x09"])
+@pytest.mark.parametrize("garbage", [
+    b"", b"II*\0", b"not exif at all", b"Exif\0\0II*\0\xff\xff\0\0", b"MM\0*\0\0\0\x08\0\x09",
+])
 def test_prepare_exif_rejects_unreadable_exif(garbage: bytes) -> None:
     with pytest.raises(ValueError):
         prepare_exif(garbage, strip_gps=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, features
 
 from batch_upscaler.cli import main
 from batch_upscaler.emulator import EmulatorThread, RequestRecord
@@ -140,8 +140,12 @@ def colour_and_format_corpus(root: Path) -> dict[str, str]:
     save(frames[0], root / "anim.gif", "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     save(base, root / "plain.bmp", "BMP")
     save(base, root / "plain.webp", "WEBP", quality=95)
-    return {"cmyk.jpg": "jpeg", "gray16.png": "png", "gray16t.tif": "png", "palette.png": "png", "la.png": "png",
-            "gray.jpg": "jpeg", "anim.gif": "png", "plain.bmp": "png", "plain.webp": "webp"}
+    expected = {"cmyk.jpg": "jpeg", "gray16.png": "png", "gray16t.tif": "png", "palette.png": "png",
+                "la.png": "png", "gray.jpg": "jpeg", "anim.gif": "png", "plain.bmp": "png", "plain.webp": "webp"}
+    if features.check("avif"):  # built into Pillow >= 11.2; HEIC needs the optional pillow-heif
+        save(base, root / "phone.avif", "AVIF", quality=90)
+        expected["phone.avif"] = "png"
+    return expected
 
 
 def test_colour_modes_and_containers_become_valid_requests(
