@@ -74,7 +74,9 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at REAL,
     exit_code INTEGER,
     requests INTEGER NOT NULL DEFAULT 0,
-    throttles INTEGER NOT NULL DEFAULT 0
+    throttles INTEGER NOT NULL DEFAULT 0,
+    rate_mode TEXT,
+    final_rpm REAL
 );
 """
 
@@ -338,10 +340,12 @@ class Checkpoint:
             cur = conn.execute("INSERT INTO runs (started_at) VALUES (?)", (self._now(),))
             return int(cur.lastrowid or 0)
 
-    def finish_run(self, run_id: int, exit_code: int, requests: int, throttles: int) -> None:
+    def finish_run(self, run_id: int, exit_code: int, requests: int, throttles: int, *,
+                   rate_mode: str | None = None, final_rpm: float | None = None) -> None:
         with self._transaction() as conn:
-            conn.execute("UPDATE runs SET finished_at = ?, exit_code = ?, requests = ?, throttles = ? "
-                         "WHERE id = ?", (self._now(), exit_code, requests, throttles, run_id))
+            conn.execute("UPDATE runs SET finished_at = ?, exit_code = ?, requests = ?, throttles = ?, "
+                         "rate_mode = ?, final_rpm = ? WHERE id = ?",
+                         (self._now(), exit_code, requests, throttles, rate_mode, final_rpm, run_id))
 
     def runs(self) -> list[dict[str, Any]]:
         cur = self._conn.execute("SELECT * FROM runs ORDER BY id")

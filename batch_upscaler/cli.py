@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true", help="make failed items pending again first")
     run.add_argument("--limit", type=_positive_int, help="start at most N items in this run")
     run.add_argument("--concurrency", type=_positive_int, help="requests in flight (limits.concurrency)")
-    run.add_argument("--rpm", type=float, help="requests started per minute (limits.requests_per_minute)")
+    run.add_argument("--rpm", type=_rate, help="requests started per minute, or 'auto' to find the quota "
+                     "(limits.requests_per_minute)")
     run.add_argument("--backend", choices=("bedrock", "emulator"), help="override the manifest's backend")
     run.add_argument("--endpoint-url", help="a Bedrock-compatible endpoint (bedrock.endpoint_url)")
     run.add_argument("--region", help="AWS region (bedrock.region)")
@@ -69,6 +70,18 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _rate(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 

@@ -8,18 +8,26 @@ request costs a decode: the padding is cropped off so the output keeps the sourc
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import replace
 
 from PIL import Image
 
 from batch_upscaler.fitting import Fit
-from batch_upscaler.metadata import SourceMetadata, inject, prepare_exif
+from batch_upscaler.metadata import SourceMetadata, inject_with_report, prepare_exif
 from batch_upscaler.settings import MetadataSettings
+
+log = logging.getLogger(__name__)
 
 
 def carried_metadata(meta: SourceMetadata, settings: MetadataSettings, *, colour_converted: bool) -> SourceMetadata:
     """The part of the source's metadata the output gets."""
-    exif = prepare_exif(meta.exif, strip_gps=not settings.gps) if settings.exif and meta.exif else None
+    exif = None
+    if settings.exif and meta.exif:
+        try:
+            exif = prepare_exif(meta.exif, strip_gps=not settings.gps)
+        except ValueError:  # a broken EXIF directory costs the EXIF, not the picture
+            exif = None
     # A CMYK profile does not describe the RGB pixels we sent, so it is not carried over.
     icc = meta.icc_profile if settings.icc and not colour_converted else None
     return replace(meta, exif=exif, icc_profile=icc)
@@ -28,7 +36,10 @@ def carried_metadata(meta: SourceMetadata, settings: MetadataSettings, *, colour
 def finish(returned: bytes, plan: Fit, meta: SourceMetadata) -> bytes:
     """The output file's bytes for one returned image."""
     image = _crop_padding(returned, plan) if plan.content_box is not None else returned
-    return inject(image, meta)
+    injected = inject_with_report(image, meta)
+    for reason in injected.skipped:
+        log.info("metadata not carried: %s", reason)
+    return injected.data
 
 
 def _crop_padding(returned: bytes, plan: Fit) -> bytes:

@@ -133,7 +133,7 @@ def url(v: Any) -> str | None:
 
 _LIMITS = {
     "concurrency": Key(number(1, 512, whole=True)),
-    "requests_per_minute": Key(number(above=0)),
+    "requests_per_minute": Key(lambda v: None if v == "auto" else number(above=0)(v)),
     "max_attempts": Key(number(1, 50, whole=True)),
     "read_timeout_s": Key(number(above=0)),
     "connect_timeout_s": Key(number(above=0)),
@@ -298,7 +298,8 @@ def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: di
     report_dir = (_resolve(base_dir, merged["report_dir"]) if merged.get("report_dir")
                   else state_dir / "reports" / merged["name"])
     lim = merged["limits"]
-    limits = Limits(concurrency=int(lim["concurrency"]), requests_per_minute=float(lim["requests_per_minute"]),
+    rpm = lim["requests_per_minute"]
+    limits = Limits(concurrency=int(lim["concurrency"]), requests_per_minute=None if rpm == "auto" else float(rpm),
                     max_attempts=int(lim["max_attempts"]), read_timeout_s=float(lim["read_timeout_s"]),
                     connect_timeout_s=float(lim["connect_timeout_s"]), backoff_base_s=float(lim["backoff_base_s"]),
                     backoff_max_s=float(lim["backoff_max_s"]))

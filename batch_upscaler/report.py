@@ -113,6 +113,9 @@ class ReportWriter:
             "failures_by_reason": {k: summary.reason_counts[f"failed:{k}"] for k in sorted(summary.failures)},
             "skips_by_reason": {k: summary.reason_counts[f"skipped:{k}"] for k in sorted(summary.skips)},
             "runs": len(runs),
+            # The rate the last run ended at: with ``auto``, what the quota was found to allow.
+            "rate": {"mode": last.get("rate_mode"),
+                     "final_rpm": round(last["final_rpm"], 1) if last.get("final_rpm") else None},
         }
 
     def _stream_items(self, header: dict[str, Any], js: IO[str], cs: IO[str]) -> None:

@@ -27,7 +27,7 @@ from batch_upscaler.joblock import JobLock
 from batch_upscaler.outputs import LocalOutputStore
 from batch_upscaler.pool import PoolStats, WorkerPool
 from batch_upscaler.progress import Progress
-from batch_upscaler.ratelimit import RateLimiter
+from batch_upscaler.ratelimit import RateLimiter, make_limiter
 from batch_upscaler.report import ReportWriter
 from batch_upscaler.scan import Scanner
 from batch_upscaler.settings import Backend, JobSettings, RunOptions
@@ -40,6 +40,7 @@ class RunOutcome:
     stats: PoolStats = field(default_factory=PoolStats)
     interrupted: bool = False
     fatal: FatalBackendError | None = None
+    limiter: RateLimiter | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,9 @@ def _run_locked(settings: JobSettings, options: RunOptions, checkpoint: Checkpoi
         outputs.clean_staging()  # nothing temporary outlives the run (a crash's leftovers go next time)
         counts = checkpoint.counts()
         exit_code = exit_code_for(outcome, counts)
-        checkpoint.finish_run(run_id, exit_code, outcome.stats.requests, outcome.stats.throttles)
+        limiter = outcome.limiter
+        checkpoint.finish_run(run_id, exit_code, outcome.stats.requests, outcome.stats.throttles,
+                              rate_mode=limiter.mode if limiter else None, final_rpm=limiter.rpm if limiter else None)
         report_dir = ReportWriter(settings, checkpoint).write()
     if outcome.fatal is not None:
         raise outcome.fatal
@@ -119,7 +122,8 @@ async def _execute(settings: JobSettings, options: RunOptions, checkpoint: Check
                    outputs: LocalOutputStore, roots: Mapping[str, SourceRoot], outcome: RunOutcome,
                    clock: Clock, rng: random.Random) -> None:
     stop = asyncio.Event()
-    limiter = RateLimiter(settings.limits.requests_per_minute, clock)
+    limiter = make_limiter(settings.limits.requests_per_minute, clock)
+    outcome.limiter = limiter
     pending = checkpoint.counts()[ItemState.PENDING]
     total = pending if options.limit is None else min(pending, options.limit)
     async with _client_settings(settings) as client_settings, open_client(client_settings) as client:

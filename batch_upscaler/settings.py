@@ -89,7 +89,7 @@ class Limits:
     """Throughput and robustness dials; concurrency and rate are deliberately separate."""
 
     concurrency: int = 4
-    requests_per_minute: float = 30.0
+    requests_per_minute: float | None = 30.0  # None: ``auto``, find the quota adaptively
     max_attempts: int = 6
     read_timeout_s: float = 300.0
     connect_timeout_s: float = 10.0

@@ -32,6 +32,7 @@ def doc_problems(tmp_path: Path, doc: dict[str, Any]) -> list[str]:
     ({"limits": {"concurrency": 0}}, "limits.concurrency: must be ≥ 1, got 0"),
     ({"limits": {"concurrency": 2.5}}, "limits.concurrency: must be a whole number, got 2.5"),
     ({"limits": {"requests_per_minute": "fast"}}, "limits.requests_per_minute: must be a number, got str 'fast'"),
+    ({"limits": {"requests_per_minute": 0}}, "limits.requests_per_minute: must be > 0, got 0"),
     ({"limits": {"read_timeout_s": 0}}, "limits.read_timeout_s: must be > 0, got 0"),
     ({"limits": {"max_attempts": True}}, "limits.max_attempts: must be a whole number, got bool True"),
     ({"limits": {"bogus": 1}}, "limits.bogus: unknown key"),
@@ -115,6 +116,8 @@ def test_layers_merge_flags_over_manifest_over_config_over_builtin(tmp_path: Pat
     assert settings.state_dir == tmp_path / ".batch-upscaler"
     assert settings.report_dir == tmp_path / ".batch-upscaler" / "reports" / "job"
     assert dict(settings.params) == {"prompt": "a sharp photo"}
+    auto = load_settings(manifest, config, {"limits": {"requests_per_minute": "auto"}})
+    assert auto.limits.requests_per_minute is None
 
 
 def test_config_file_errors_name_the_config_file(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from batch_upscaler.errors import FatalBackendError
 from batch_upscaler.manifest import load_settings
 from batch_upscaler.outputs import LocalOutputStore
 from batch_upscaler.pool import WorkerPool
-from batch_upscaler.ratelimit import RateLimiter
+from batch_upscaler.ratelimit import make_limiter
 from batch_upscaler.retry import AttemptError
 from batch_upscaler.scan import Scanner
 from batch_upscaler.settings import JobSettings
@@ -63,7 +63,7 @@ def run_pool(settings: JobSettings, checkpoint: Checkpoint, invoker: FakeInvoker
     async def go() -> WorkerPool:
         event = asyncio.Event()
         roots = {s: parse_source(s, settings.base_dir) for s in settings.sources}
-        limiter = RateLimiter(settings.limits.requests_per_minute, clock)
+        limiter = make_limiter(settings.limits.requests_per_minute, clock)
         done: list[ItemState] = []
 
         def on_done(state: ItemState) -> None:
@@ -151,3 +151,15 @@ def test_source_changed_after_scan_fails_with_reason(
     run_pool(settings, checkpoint, invoker, clock)
     row = next(checkpoint.items())
     assert (row["state"], row["error_code"], invoker.calls) == ("failed", "source_changed", 0)
+
+
+def test_auto_rate_never_exceeds_the_concurrency_cap(tmp_path: Path, write_manifest: Callable[..., Path],
+                                                     clock: FakeClock) -> None:
+    settings, checkpoint = setup(tmp_path, write_manifest, 40, requests_per_minute="auto")  # type: ignore[arg-type]
+    assert settings.limits.requests_per_minute is None
+    throttle = AttemptError("ThrottlingException", "slow down", 429)
+    invoker = FakeInvoker(lambda n: throttle if n % 7 == 0 else OK)
+    pool = run_pool(settings, checkpoint, invoker, clock)
+    assert checkpoint.counts()[ItemState.SUCCEEDED] == 40
+    assert invoker.max_in_flight <= settings.limits.concurrency
+    assert pool.limiter.mode == "auto" and pool.limiter.throttles == pool.stats.throttles > 0

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 
-from batch_upscaler.ratelimit import RateLimiter
+from batch_upscaler.ratelimit import AdaptiveRateLimiter, FixedRateLimiter
 from tests.conftest import FakeClock
 
 
 def test_starts_are_spaced_one_interval_apart(clock: FakeClock) -> None:
-    limiter = RateLimiter(60, clock)  # one per second
+    limiter = FixedRateLimiter(60, clock)  # one per second
     assert [limiter.reserve() for _ in range(4)] == [0.0, 1.0, 2.0, 3.0]
     clock.advance(10)
     assert limiter.reserve() == 0.0  # idle time does not bank a burst beyond the next slot
 
 
 def test_acquire_sleeps_on_the_clock(clock: FakeClock) -> None:
-    limiter = RateLimiter(120, clock)
+    limiter = FixedRateLimiter(120, clock)
 
     async def three() -> None:
         for _ in range(3):
@@ -28,7 +28,7 @@ def test_acquire_sleeps_on_the_clock(clock: FakeClock) -> None:
 
 
 def test_throttle_halves_the_rate_and_pauses(clock: FakeClock) -> None:
-    limiter = RateLimiter(60, clock)
+    limiter = FixedRateLimiter(60, clock)
     limiter.reserve()
     limiter.on_throttle()
     assert limiter.rpm == 30
@@ -39,7 +39,7 @@ def test_throttle_halves_the_rate_and_pauses(clock: FakeClock) -> None:
 
 
 def test_rate_recovers_additively_and_never_exceeds_the_ceiling(clock: FakeClock) -> None:
-    limiter = RateLimiter(100, clock)
+    limiter = FixedRateLimiter(100, clock)
     for _ in range(3):
         limiter.on_throttle()
     assert limiter.rpm == 12.5
@@ -53,14 +53,14 @@ def test_rate_recovers_additively_and_never_exceeds_the_ceiling(clock: FakeClock
 
 
 def test_rate_never_falls_below_the_floor(clock: FakeClock) -> None:
-    limiter = RateLimiter(4, clock, floor_rpm=1)
+    limiter = FixedRateLimiter(4, clock, floor_rpm=1)
     for _ in range(10):
         limiter.on_throttle()
     assert limiter.rpm == 1
 
 
 def test_concurrent_waiters_get_distinct_slots(clock: FakeClock) -> None:
-    limiter = RateLimiter(600, clock)  # 0.1 s apart
+    limiter = FixedRateLimiter(600, clock)  # 0.1 s apart
     starts: list[float] = []
 
     async def worker() -> None:
@@ -75,3 +75,83 @@ def test_concurrent_waiters_get_distinct_slots(clock: FakeClock) -> None:
     asyncio.run(main())
     gaps = [round(b - a, 6) for a, b in zip(sorted(starts), sorted(starts)[1:], strict=False)]
     assert len(starts) == 5 and all(g >= 0 for g in gaps)
+
+
+# ---- adaptive (``auto``) -------------------------------------------------------------------------
+
+class Quota:
+    """A per-minute quota as a token bucket on the fake clock (what Bedrock-like services enforce)."""
+
+    def __init__(self, clock: FakeClock, rpm: float, burst: float) -> None:
+        self.clock, self.rpm, self.burst = clock, rpm, burst
+        self.tokens, self.at = burst, clock.now()
+
+    def take(self) -> bool:
+        now = self.clock.now()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rpm / 60)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+def drive(limiter: AdaptiveRateLimiter, quota: Quota, clock: FakeClock, seconds: float) -> tuple[int, int]:
+    """Send requests as fast as the limiter allows for ``seconds``; (successes, throttles)."""
+    ok = throttled = 0
+    end = clock.now() + seconds
+    while clock.now() < end:
+        clock.advance(limiter.reserve())
+        if quota.take():
+            ok += 1
+            limiter.on_success()
+        else:
+            throttled += 1
+            limiter.on_throttle()
+    return ok, throttled
+
+
+def test_auto_converges_under_a_step_change_of_quota(clock: FakeClock) -> None:
+    limiter = AdaptiveRateLimiter(clock)
+    quota = Quota(clock, 600, burst=10)
+    for rpm in (600, 300, 900):
+        quota.rpm = rpm
+        cuts_before = limiter.adjustments
+        drive(limiter, quota, clock, 60)  # settle
+        assert limiter.adjustments - cuts_before <= 12, f"no convergence at {rpm} rpm"
+        ok, throttled = drive(limiter, quota, clock, 120)  # measure
+        goodput = ok / 2
+        assert goodput >= 0.9 * rpm, (rpm, goodput)
+        assert throttled <= 0.05 * (ok + throttled), (rpm, throttled, ok)
+        assert limiter.rpm < 1.3 * rpm
+
+
+def test_auto_starts_low_and_only_grows_when_the_rate_is_the_limit(clock: FakeClock) -> None:
+    limiter = AdaptiveRateLimiter(clock, start_rpm=30)
+    assert limiter.rpm == 30
+    # Requests come slower than the limiter allows (the workers are the bottleneck): no growth.
+    for _ in range(30):
+        clock.advance(5)
+        assert limiter.reserve() == 0
+        limiter.on_success()
+    assert limiter.rpm == 30
+
+
+def test_auto_recovers_after_a_burst_of_throttles(clock: FakeClock) -> None:
+    limiter = AdaptiveRateLimiter(clock)
+    quota = Quota(clock, 600, burst=10)
+    drive(limiter, quota, clock, 90)
+    settled = limiter.rpm
+    for _ in range(50):  # a burst of 429s, e.g. another client sharing the quota for a moment
+        limiter.on_throttle()
+    assert limiter.rpm >= 0.45 * settled  # counted as one signal, not fifty halvings
+    drive(limiter, quota, clock, 60)
+    ok, throttled = drive(limiter, quota, clock, 60)
+    assert ok >= 0.9 * 600 and throttled <= 0.05 * ok
+
+
+def test_retry_after_holds_the_next_start(clock: FakeClock) -> None:
+    limiter = AdaptiveRateLimiter(clock, start_rpm=600)
+    limiter.reserve()
+    limiter.on_throttle(retry_after_s=12)
+    assert limiter.reserve() >= 12

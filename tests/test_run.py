@@ -256,3 +256,15 @@ def test_report_command_rewrites_from_checkpoint(tmp_path: Path, write_manifest:
     assert main(["report", str(manifest)]) == 0
     again = json.loads(report_json.read_text())
     assert again["items"] == first["items"] and again["totals"] == first["totals"]
+
+
+def test_auto_rate_against_a_quota(tmp_path: Path, write_manifest: Callable[..., Path],
+                                   emulator_factory: EmulatorFactory) -> None:
+    make_photos(tmp_path, 6)
+    emulator = emulator_factory(quota_rpm=60, quota_burst=2)
+    manifest = bedrock_manifest(write_manifest, emulator, limits={"concurrency": 4, "max_attempts": 12})
+    assert main(["run", str(manifest), "--rpm", "auto"]) == 0
+    rep = report(tmp_path)
+    assert rep["totals"]["succeeded"] == 6
+    assert rep["rate"]["mode"] == "auto" and rep["rate"]["final_rpm"] > 0
+    assert rep["throttled_attempts"] == sum(1 for r in emulator.records() if r.status == 429)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,8 @@ from types import MappingProxyType
 
 from batch_upscaler.catalogue import BUILTIN, ModelName, ModelSpec
 from batch_upscaler.emulator.faults import FaultKind
+
+_MAX_SIGMA = 5.0  # exp(5 * 4) ~ 5e8: beyond this a "latency distribution" is only outliers
 
 
 def _builtin_catalogue() -> Mapping[ModelName, ModelSpec]:
@@ -23,11 +26,20 @@ class EmulatorConfig:
     the n-th request carrying that image gets the n-th fault. ``fault_rates`` are independent
     per-request probabilities drawn from ``random.Random(seed)``. Fault names may be given as
     strings (e.g. from a JSON file); they are turned into :class:`FaultKind` here.
+
+    Latency is either fixed (``latency_s``) or lognormal (``latency_median_s`` with spread
+    ``latency_sigma``: ``median * exp(sigma * N(0, 1))``, drawn from a stream seeded by ``seed``);
+    the two are exclusive. ``canned_output`` is for benchmarks only: the upscaled image is computed
+    once per (output size, output format) and reused for every request asking for that size and
+    format, so its content does not depend on the input (see ``upscale.CannedOutputs``).
     """
 
     host: str = "127.0.0.1"
     port: int = 0  # 0 = ephemeral; read the real one back from the running server
     latency_s: float = 0.0  # added to every answer the "model" produces
+    latency_median_s: float | None = None  # set: lognormal latency with this median instead
+    latency_sigma: float = 0.0  # spread of the lognormal (sigma of the underlying normal)
+    canned_output: bool = False  # benchmarks: one output per (size, format), whatever the input
     quota_rpm: float | None = None  # None = unlimited
     quota_burst: int = 1
     output_max_pixels: int | None = None  # cap keeping aspect; None = the catalogue's size
@@ -57,7 +69,16 @@ class EmulatorConfig:
 def _problems(config: EmulatorConfig) -> list[str]:
     checks = [
         (0 <= config.port <= 65535, f"port {config.port} not in 0..65535"),
-        (config.latency_s >= 0, f"latency_s {config.latency_s} < 0"),
+        (math.isfinite(config.latency_s) and config.latency_s >= 0,
+         f"latency_s {config.latency_s} must be finite and >= 0"),
+        (config.latency_median_s is None or (math.isfinite(config.latency_median_s) and config.latency_median_s > 0),
+         f"latency_median_s {config.latency_median_s} must be > 0"),
+        (math.isfinite(config.latency_sigma) and 0 <= config.latency_sigma <= _MAX_SIGMA,
+         f"latency_sigma {config.latency_sigma} not in 0..{_MAX_SIGMA}"),
+        (config.latency_sigma == 0 or config.latency_median_s is not None,
+         "latency_sigma needs latency_median_s"),
+        (config.latency_median_s is None or config.latency_s == 0,
+         "latency_s and latency_median_s are exclusive"),
         (config.slow_s >= 0, f"slow_s {config.slow_s} < 0"),
         (config.quota_rpm is None or config.quota_rpm > 0, f"quota_rpm {config.quota_rpm} must be > 0"),
         (config.quota_burst >= 1, f"quota_burst {config.quota_burst} < 1"),
