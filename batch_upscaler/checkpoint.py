@@ -20,6 +20,7 @@ stored relative to the output root.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ CREATE TABLE IF NOT EXISTS items (
     seq INTEGER NOT NULL,
     source TEXT NOT NULL,
     relpath TEXT NOT NULL,
+    raw_relpath BLOB,
     state TEXT NOT NULL CHECK (state IN ('pending','in_progress','succeeded','failed','skipped')),
     gone INTEGER NOT NULL DEFAULT 0,
     size INTEGER NOT NULL,
@@ -120,6 +122,7 @@ class Scanned:
     height: int | None = None
     error_code: str | None = None
     error_message: str | None = None
+    raw_relpath: bytes | None = None  # the name's bytes when it is not UTF-8
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,12 @@ class WorkItem:
     format: str | None
     width: int | None
     height: int | None
+    raw_relpath: bytes | None = None
+
+    @property
+    def fs_relpath(self) -> str:
+        """The relative path as the filesystem names it (``relpath`` may be a printable stand-in)."""
+        return os.fsdecode(self.raw_relpath) if self.raw_relpath is not None else self.relpath
 
 
 class Checkpoint:
@@ -232,8 +241,8 @@ class Checkpoint:
         now = self._now()
         self._scan_write(
             "INSERT INTO items (key, seq, source, relpath, state, size, mtime_ns, params_hash, output_path,"
-            " format, width, height, error_code, error_message, scan_id, created_at, updated_at)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " format, width, height, error_code, error_message, scan_id, created_at, updated_at, raw_relpath)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (key) DO UPDATE SET seq=excluded.seq, state=excluded.state, gone=0,"
             " size=excluded.size, mtime_ns=excluded.mtime_ns, params_hash=excluded.params_hash,"
             " content_sha256=NULL, output_path=excluded.output_path, output_bytes=NULL, output_width=NULL,"
@@ -243,7 +252,7 @@ class Checkpoint:
             " scan_id=excluded.scan_id, updated_at=excluded.updated_at, started_at=NULL, finished_at=NULL",
             (item.key, item.seq, item.source, item.relpath, item.state, item.size, item.mtime_ns,
              item.params_hash, item.output_path, item.format, item.width, item.height, item.error_code,
-             item.error_message, self._scan_id, now, now))
+             item.error_message, self._scan_id, now, now, item.raw_relpath))
 
     def output_owner(self, output_path: str, key: str) -> str | None:
         """Another live item already writing to ``output_path`` (collision detection)."""
@@ -305,7 +314,8 @@ class Checkpoint:
     # ---- reading -------------------------------------------------------------------------
     def pending(self, after_seq: int, limit: int) -> list[WorkItem]:
         rows = self._conn.execute(
-            "SELECT key, seq, source, relpath, size, mtime_ns, output_path, format, width, height FROM items "
+            "SELECT key, seq, source, relpath, size, mtime_ns, output_path, format, width, height, raw_relpath "
+            "FROM items "
             "WHERE state = 'pending' AND gone = 0 AND seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
         return [WorkItem(*row) for row in rows.fetchall()]
 

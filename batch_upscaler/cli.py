@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run (or resume) the job a manifest describes")
     _job_args(run)
     run.add_argument("--retry-failed", action="store_true", help="make failed items pending again first")
-    run.add_argument("--limit", type=_positive_int, help="start at most N items in this run")
+    run.add_argument("--limit", "--max-images", dest="limit", type=_positive_int,
+                     help="start at most N images in this run (exit 75 if work remains)")
+    run.add_argument("--max-duration", type=_duration, help="start no new image after this long, e.g. 5h30m, "
+                     "90m, 3600 (seconds); exit 75 so the next run resumes")
+    run.add_argument("--grace", type=_duration, default=120.0,
+                     help="after a stop, how long requests in flight may take (default 120s)")
+    run.add_argument("--progress-interval", type=_duration, default=60.0,
+                     help="without a terminal: one progress line this often (default 60s; 0: none)")
     run.add_argument("--concurrency", type=_positive_int, help="requests in flight (limits.concurrency)")
     run.add_argument("--rpm", type=_rate, help="requests started per minute, or 'auto' to find the quota "
                      "(limits.requests_per_minute)")
@@ -71,6 +79,15 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
     return value
+
+
+def _duration(text: str) -> float:
+    """Seconds from '3600', '90s', '45m', '6h' or '1h30m'."""
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
+    if not text.strip() or match is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 3600, 90m, 5h30m)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def _rate(text: str) -> float | str:
@@ -121,7 +138,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from batch_upscaler.runner import run_job  # imports aiobotocore: keep `--help` fast
 
     settings = _settings(args)
-    options = RunOptions(limit=args.limit, retry_failed=args.retry_failed, show_progress=args.progress)
+    options = RunOptions(limit=args.limit, retry_failed=args.retry_failed, show_progress=args.progress,
+                         max_duration_s=args.max_duration, grace_s=args.grace, heartbeat_s=args.progress_interval)
     with logging_redirect_tqdm(loggers=[log]):
         return int(run_job(settings, options).exit_code)
 

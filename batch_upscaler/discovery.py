@@ -35,6 +35,7 @@ _GLOB_FLAGS = wcglob.GLOBSTAR | wcglob.IGNORECASE | wcglob.BRACE
 class EntryKind(StrEnum):
     FILE = "file"
     NOT_REGULAR = "not_regular"  # a FIFO, socket or device named like an image
+    DIRECTORY = "directory"  # a directory named like an image (its contents are walked as usual)
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,31 @@ class Found:
     size: int
     mtime_ns: int
     kind: EntryKind = EntryKind.FILE
+    # The name's raw bytes when it is not valid UTF-8; ``relpath`` then holds a printable stand-in.
+    raw_relpath: bytes | None = None
 
     @property
     def key(self) -> str:
         return f"{self.source}:{self.relpath}"
+
+
+def printable(name: str) -> str:
+    """``name`` safe for one log line or a Markdown list: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+
+
+def storable(relpath: str) -> tuple[str, bytes | None]:
+    """A UTF-8 text form of a path for keys and reports, plus its raw bytes when they differ.
+
+    Linux names are bytes; one that is not UTF-8 arrives with surrogate escapes, which SQLite and
+    JSON cannot hold. The text form shows the bad bytes as ``\\xNN``; the bytes keep the real path.
+    """
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = os.fsencode(relpath)
+        return raw.decode("utf-8", "backslashreplace"), raw
+    return relpath, None
 
 
 def parse_source(spec: str, base_dir: Path) -> SourceRoot:
@@ -139,6 +161,8 @@ class Discovery:
                     except OSError:
                         is_dir = False
                     (subdirs if is_dir else files).append(entry.name)
+                    if is_dir and is_image_name(entry.name):
+                        files.append(entry.name)  # reported as "not a file", and walked too
         except OSError as exc:
             self._on_error(str(directory), exc.strerror or str(exc))
         return sorted(subdirs), sorted(files)
@@ -157,8 +181,10 @@ class Discovery:
         if ident in self._seen_files:
             return None
         self._seen_files.add(ident)
-        kind = EntryKind.FILE if stat.S_ISREG(st.st_mode) else EntryKind.NOT_REGULAR
-        return Found(root.spec, relpath, path, st.st_size, st.st_mtime_ns, kind)
+        kind = (EntryKind.FILE if stat.S_ISREG(st.st_mode) else
+                EntryKind.DIRECTORY if stat.S_ISDIR(st.st_mode) else EntryKind.NOT_REGULAR)
+        text, raw = storable(relpath)
+        return Found(root.spec, text, path, st.st_size, st.st_mtime_ns, kind, raw)
 
     def _excluded(self, path: Path, relpath: str) -> bool:
         """Excludes match the path below the source root or below the manifest's directory."""

@@ -23,7 +23,7 @@ from batch_upscaler.finishing import carried_metadata
 from batch_upscaler.fitting import Fit, fit
 from batch_upscaler.metadata import SourceMetadata, read_metadata
 from batch_upscaler.prepare import Prepared, PrepareError, prepare_image
-from batch_upscaler.probe import ProbeError, read_header
+from batch_upscaler.probe import ProbeError, read_header, truncation
 from batch_upscaler.settings import JobSettings
 
 _COLOUR_CONVERTING_MODES = frozenset({"CMYK", "YCbCr", "LAB"})
@@ -65,13 +65,17 @@ def build_payload(path: Path, expected_size: int, settings: JobSettings) -> Payl
         header = read_header(io.BytesIO(data))
     except ProbeError as exc:
         raise PayloadError(exc.refusal.rejection.code, exc.refusal.rejection.detail) from None
+    cut = truncation(data, header.pil_format)
+    if cut is not None:
+        raise PayloadError("truncated", cut)
     plan = fit(header, settings.model.limits, settings.prepare)
     if not isinstance(plan, Fit):
         raise PayloadError(plan.code, plan.detail)
     try:
         sent = prepare_image(data, header, plan, settings.model.limits, settings.prepare)
     except (PrepareError, OSError, ValueError, SyntaxError) as exc:
-        raise PayloadError("cannot_prepare", str(exc)) from None
+        code = "truncated" if "truncated" in str(exc) else "cannot_prepare"
+        raise PayloadError(code, str(exc)) from None
     params = {**settings.params, "output_format": settings.output_format.for_source(header.pil_format).value}
     body = build_body(sent.image, params)
     if len(body) > MAX_BODY_BYTES:  # prepare_image keeps under the cap; this guards the JSON overhead

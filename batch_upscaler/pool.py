@@ -26,7 +26,7 @@ from PIL import Image
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState, WorkItem
 from batch_upscaler.clock import Clock
-from batch_upscaler.discovery import SourceRoot
+from batch_upscaler.discovery import SourceRoot, printable
 from batch_upscaler.errors import FatalBackendError
 from batch_upscaler.finishing import finish
 from batch_upscaler.outputs import OutputPathError, OutputStore
@@ -114,7 +114,7 @@ class WorkerPool:
             except (FatalBackendError, asyncio.CancelledError):
                 raise
             except Exception as exc:  # a bug or an unforeseen input must cost one item, not the run
-                log.exception("unexpected error on %s", item.key)
+                log.exception("unexpected error on %s", printable(item.key))
                 state = self._fail(item, "internal_error", f"internal_error: {type(exc).__name__}: {exc}")
             finished = state is not None
             if state is not None:
@@ -125,7 +125,7 @@ class WorkerPool:
 
     async def _run_item(self, item: WorkItem) -> ItemState | None:
         """Drive one item to succeeded/failed; None means it was released unfinished."""
-        path = self.sources[item.source].path_of(item.relpath)
+        path = self.sources[item.source].path_of(item.fs_relpath)
         try:
             payload = await asyncio.to_thread(build_payload, path, item.size, self.settings)
         except PayloadError as exc:
@@ -205,7 +205,7 @@ class WorkerPool:
 
     def _fail(self, item: WorkItem, code: str, message: str) -> ItemState:
         self.checkpoint.fail(item.key, code, message)
-        log.warning("failed %s: %s", item.key, message)
+        log.warning("failed %s: %s", printable(item.key), message)
         return ItemState.FAILED
 
 

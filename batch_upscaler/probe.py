@@ -91,5 +91,43 @@ def _header(im: Image.Image) -> ImageHeader:
                        bool(getattr(im, "is_animated", False)))
 
 
+def truncation(data: bytes, pil_format: str) -> str | None:
+    """Why an encoded file is incomplete, from its structure alone (no decode), or None.
+
+    A byte-for-byte upload of a cut-off file would be paid for and fail (or come back damaged);
+    converted formats are caught by the decode instead.
+    """
+    if pil_format in ("JPEG", "MPO"):
+        # EOI cannot occur inside entropy-coded data (0xFF is stuffed), so a cut file has none
+        # after its first start-of-scan. (Searching from the end would trip on phone trailers.)
+        scan = _first_jpeg_scan(data)
+        if scan < 0 or data.find(b"\xff\xd9", scan) < 0:
+            return "JPEG data ends before its end-of-image marker"
+    elif pil_format == "PNG":
+        if data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
+            return "PNG has no IEND chunk at its end"
+    elif pil_format == "WEBP" and len(data) >= 12:
+        declared = int.from_bytes(data[4:8], "little") + 8
+        if declared > len(data):
+            return f"WebP declares {declared} bytes but has {len(data)}"
+    return None
+
+
+def _first_jpeg_scan(data: bytes) -> int:
+    """Offset of the first SOS marker, walking the header segments by their lengths; -1 if none."""
+    pos = 2  # after SOI
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return -1
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            return pos
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return -1
+
+
 def _fail(code: str, detail: str) -> Refusal:
     return Refusal(Disposition.FAIL, Rejection(code, detail))

@@ -1,12 +1,16 @@
 """What a person watching the run sees: a tqdm bar (done/total, rate, ETA, failures, current rate).
 
-Disabled when stderr is not a terminal so cron mail stays clean; log lines are routed through
-tqdm while the bar is shown so they do not tear it.
+Without a terminal (cron, systemd) there is no bar, so mail and journals stay clean; instead one
+summary line goes to the log at an interval. Log lines are routed through tqdm while the bar is
+shown so they do not tear it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sys
+import time
 from collections.abc import Callable
 from types import TracebackType
 
@@ -14,10 +18,15 @@ from tqdm import tqdm
 
 from batch_upscaler.checkpoint import ItemState
 
+log = logging.getLogger(__name__)
+
 
 class Progress:
     def __init__(self, total: int, enabled: bool | None, current_rpm: Callable[[], float]) -> None:
         show = sys.stderr.isatty() if enabled is None else enabled
+        self.shown = show
+        self.total = total
+        self._started = time.monotonic()
         self._bar = tqdm(total=total, unit="img", disable=not show, file=sys.stderr,
                          dynamic_ncols=True, smoothing=0.1, desc="upscaling")
         self._current_rpm = current_rpm
@@ -31,6 +40,23 @@ class Progress:
             self.succeeded += 1
         self._bar.set_postfix(failed=self.failed, rpm=f"{self._current_rpm():.0f}", refresh=False)
         self._bar.update(1)
+
+    def summary(self) -> str:
+        """One line: done/total, outcome counts, throughput, ETA and the current request rate."""
+        done = self.succeeded + self.failed
+        minutes = max(1e-9, (time.monotonic() - self._started) / 60)
+        per_min = done / minutes
+        eta = f"{(self.total - done) / per_min:.0f} min" if per_min > 0 and done < self.total else "-"
+        return (f"progress: {done}/{self.total} done ({self.succeeded} succeeded, {self.failed} failed), "
+                f"{per_min:.1f} img/min, ETA {eta}, rate {self._current_rpm():.0f}/min")
+
+    async def heartbeat(self, interval_s: float) -> None:
+        """Log :meth:`summary` every ``interval_s`` while no bar is shown (runs until cancelled)."""
+        if self.shown or interval_s <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval_s)
+            log.info("%s", self.summary())
 
     def __enter__(self) -> Progress:
         return self

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState
-from batch_upscaler.discovery import parse_source
+from batch_upscaler.discovery import parse_source, printable
 from batch_upscaler.settings import JobSettings
 
 CSV_COLUMNS = ("source", "output", "status", "input_width", "input_height", "sent_width", "sent_height",
@@ -152,7 +152,7 @@ class ReportWriter:
         root = self._roots.get(row["source"])
         if root is None:
             return f"{row['source']}:{row['relpath']}"
-        path = root.path_of(row["relpath"])
+        path = root.path_of(row["relpath"])  # the printable form for names that are not UTF-8
         try:
             return path.relative_to(self.settings.base_dir).as_posix()
         except ValueError:
@@ -188,7 +188,7 @@ def render_markdown(header: dict[str, Any], summary: Summary) -> str:
         for reason, files in sorted(groups.items()):
             count = summary.reason_counts[f"{state}:{reason}"]
             out.write(f"### {reason} ({count})\n\n")
-            out.writelines(f"- `{name}`\n" for name in files)
+            out.writelines(f"- `{printable(name)}`\n" for name in files)
             if count > len(files):
                 out.write(f"- … and {count - len(files)} more (see items.csv)\n")
             out.write("\n")

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunOutcome:
     stats: PoolStats = field(default_factory=PoolStats)
-    interrupted: bool = False
+    stopped_by: str | None = None  # "SIGINT", "SIGTERM", "max-duration", "max-images": stopped early
     fatal: FatalBackendError | None = None
     limiter: RateLimiter | None = None
 
@@ -113,7 +113,7 @@ def _run_locked(settings: JobSettings, options: RunOptions, checkpoint: Checkpoi
 def exit_code_for(outcome: RunOutcome, counts: Mapping[ItemState, int]) -> ExitCode:
     if outcome.fatal is not None:
         return ExitCode.FATAL_BACKEND
-    if outcome.interrupted and counts[ItemState.PENDING] + counts[ItemState.IN_PROGRESS] > 0:
+    if outcome.stopped_by and counts[ItemState.PENDING] + counts[ItemState.IN_PROGRESS] > 0:
         return ExitCode.INTERRUPTED
     return ExitCode.ITEMS_FAILED if counts[ItemState.FAILED] else ExitCode.OK
 
@@ -134,34 +134,63 @@ async def _execute(settings: JobSettings, options: RunOptions, checkpoint: Check
                               on_done=progress.item_done, limit=options.limit)
             outcome.stats = pool.stats
             task = asyncio.create_task(pool.run())
-            with _signals(stop, task, outcome):
-                try:
-                    await task
-                except* FatalBackendError as group:
-                    outcome.fatal = next(e for e in group.exceptions if isinstance(e, FatalBackendError))
-                except* asyncio.CancelledError:
-                    if not task.cancelled():
-                        raise
+            stopper = _Stopper(stop, task, outcome, options.grace_s)
+            heartbeat = asyncio.create_task(progress.heartbeat(options.heartbeat_s))
+            deadline = (asyncio.get_running_loop().call_later(options.max_duration_s, stopper.stop, "max-duration")
+                        if options.max_duration_s is not None else None)
+            try:
+                with stopper:
+                    await _wait_pool(task, outcome)
+            finally:
+                heartbeat.cancel()
+                if deadline is not None:
+                    deadline.cancel()
+    if options.limit is not None and pool.stats.started >= options.limit and outcome.stopped_by is None:
+        outcome.stopped_by = "max-images"
 
 
-class _signals:
-    """First SIGINT/SIGTERM: drain. Second: cancel the pool now."""
+async def _wait_pool(task: asyncio.Task[PoolStats], outcome: RunOutcome) -> None:
+    try:
+        await task
+    except* FatalBackendError as group:
+        outcome.fatal = next(e for e in group.exceptions if isinstance(e, FatalBackendError))
+    except* asyncio.CancelledError:
+        if not task.cancelled():
+            raise
 
-    def __init__(self, stop: asyncio.Event, task: asyncio.Task[PoolStats], outcome: RunOutcome) -> None:
-        self.stop, self.task, self.outcome = stop, task, outcome
+
+class _Stopper:
+    """Stops the pool: first a drain (signal or cap), then, on a second signal or after the grace
+    period, a cancel (unfinished items go back to pending)."""
+
+    def __init__(self, stop: asyncio.Event, task: asyncio.Task[PoolStats], outcome: RunOutcome,
+                 grace_s: float) -> None:
+        self.event, self.task, self.outcome, self.grace_s = stop, task, outcome, grace_s
         self.loop = asyncio.get_running_loop()
+        self._grace: asyncio.TimerHandle | None = None
+
+    def stop(self, reason: str) -> None:
+        if self.event.is_set():
+            return
+        self.outcome.stopped_by = reason
+        self.event.set()
+        hint = "; send it again to stop at once" if reason.startswith("SIG") else ""
+        log.warning("%s: no new image starts; finishing requests in flight (up to %gs)%s", reason, self.grace_s, hint)
+        self._grace = self.loop.call_later(self.grace_s, self._cancel, f"grace period of {self.grace_s:g}s over")
+
+    def _cancel(self, why: str) -> None:
+        log.warning("%s: stopping now; unfinished items stay pending", why)
+        self.task.cancel()
 
     def _handle(self, signum: int) -> None:
-        self.outcome.interrupted = True
-        if not self.stop.is_set():
-            self.stop.set()
-            log.warning("%s: finishing requests in flight; send it again to stop at once",
-                        signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if not self.event.is_set():
+            self.stop(name)
         else:
-            log.warning("%s again: stopping now; unfinished items stay pending", signal.Signals(signum).name)
-            self.task.cancel()
+            self.outcome.stopped_by = self.outcome.stopped_by or name
+            self._cancel(f"{name} again")
 
-    def __enter__(self) -> _signals:
+    def __enter__(self) -> _Stopper:
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(signum, self._handle, signum)
         return self
@@ -169,6 +198,8 @@ class _signals:
     def __exit__(self, *exc: object) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.loop.remove_signal_handler(signum)
+        if self._grace is not None:
+            self._grace.cancel()
 
 
 @asynccontextmanager

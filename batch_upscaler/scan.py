@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState, Known, Scanned
-from batch_upscaler.discovery import EntryKind, Found
+from batch_upscaler.discovery import EntryKind, Found, printable
 from batch_upscaler.fitting import Fit, fit
 from batch_upscaler.naming import NameParts, NamingError, render
 from batch_upscaler.outputs import OutputStore
@@ -89,9 +89,15 @@ class Scanner:
 
     def _probe(self, seq: int, item: Found) -> Scanned:
         base: dict[str, Any] = dict(key=item.key, seq=seq, source=item.source, relpath=item.relpath, size=item.size,
-                    mtime_ns=item.mtime_ns, params_hash=self.params_hash, output_path=None)
+                                    mtime_ns=item.mtime_ns, params_hash=self.params_hash, output_path=None,
+                                    raw_relpath=item.raw_relpath)
+        if item.kind is EntryKind.DIRECTORY:
+            return self._refused(base, ItemState.SKIPPED, "not_a_file",
+                                 "a directory named like an image (its contents are scanned as usual)")
         if item.kind is EntryKind.NOT_REGULAR:
-            return self._refused(base, ItemState.FAILED, "not_a_file", "not a regular file")
+            return self._refused(base, ItemState.FAILED, "not_a_file", "not a regular file (FIFO, socket or device)")
+        if item.size == 0:
+            return self._refused(base, ItemState.FAILED, "empty_file", "0 bytes")
         try:
             header = read_header(item.path)
         except ProbeError as exc:
@@ -122,7 +128,7 @@ class Scanner:
     def _refused(self, base: dict[str, Any], state: ItemState, code: str, detail: str) -> Scanned:
         self.summary.refused[code] = self.summary.refused.get(code, 0) + 1
         if state is ItemState.FAILED:  # skips are expected in an archive; failures need a look
-            log.warning("failed %s: %s: %s", base["key"], code, detail)
+            log.warning("failed %s: %s: %s", printable(base["key"]), code, detail)
         return Scanned(state=state, error_code=code, error_message=f"{code}: {detail}", **base)
 
 

@@ -148,9 +148,12 @@ class JobSettings:
 class RunOptions:
     """What this one invocation of ``run`` does beyond the job's settings."""
 
-    limit: int | None = None  # at most this many items are started
+    limit: int | None = None  # at most this many items are started (--max-images / --limit)
     retry_failed: bool = False  # failed items become pending again
     show_progress: bool | None = None  # None: only when stderr is a terminal
+    max_duration_s: float | None = None  # no new item starts after this long (cron windows)
+    grace_s: float = 120.0  # after a stop request, how long requests in flight may take to finish
+    heartbeat_s: float = 60.0  # without a progress bar: one summary line this often
 
 
 def request_fingerprint(settings: JobSettings) -> str:

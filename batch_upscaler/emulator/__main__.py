@@ -1,4 +1,8 @@
-"""``python -m batch_upscaler.emulator``: run the emulator in the foreground (a manual/demo aid)."""
+"""``python -m batch_upscaler.emulator``: run the emulator in the foreground (a manual, demo and benchmark aid).
+
+The first stdout line is ``emulator listening on http://127.0.0.1:PORT`` (flushed), so a parent
+process can start it with ``--port 0`` and read the real port back.
+"""
 
 from __future__ import annotations
 
@@ -12,26 +16,43 @@ from batch_upscaler.emulator.host import run_forever
 from batch_upscaler.emulator.settings import EmulatorConfig
 
 
-def parse_config(argv: Sequence[str] | None = None) -> EmulatorConfig:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m batch_upscaler.emulator", description=__doc__)
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (default)")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
-    parser.add_argument("--quota-rpm", type=float, default=None, help="requests per minute per model")
-    parser.add_argument("--quota-burst", type=int, default=1)
+    parser.add_argument("--latency", type=float, default=0.0, help="fixed seconds added to each answer")
+    parser.add_argument("--latency-median", type=float, default=None,
+                        help="lognormal latency with this median in seconds (instead of --latency)")
+    parser.add_argument("--latency-sigma", type=float, default=0.0,
+                        help="spread of the lognormal latency: median * exp(sigma * N(0,1))")
+    parser.add_argument("--quota-rpm", type=float, default=None, help="token bucket: requests per minute per model")
+    parser.add_argument("--quota-burst", type=int, default=1, help="token bucket capacity (default 1)")
     parser.add_argument("--output-max-pixels", type=int, default=None)
+    parser.add_argument("--png-compress-level", type=int, default=1)
+    parser.add_argument("--canned-output", action="store_true",
+                        help="benchmarks only: one output per (size, format), whatever the input")
     parser.add_argument("--fault-rates", type=json.loads, default={},
                         help='JSON object, e.g. \'{"throttle": 0.1, "internal_error": 0.02}\'')
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the fault and latency draws")
     parser.add_argument("--slow", type=float, default=30.0, help="seconds a SLOW fault stalls")
     parser.add_argument("--log", type=Path, default=None, help="JSON-lines request log file")
     parser.add_argument("--deny-access", action="store_true")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> EmulatorConfig:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return EmulatorConfig(
-        port=args.port, latency_s=args.latency, quota_rpm=args.quota_rpm, quota_burst=args.quota_burst,
-        output_max_pixels=args.output_max_pixels, seed=args.seed, slow_s=args.slow,
-        fault_rates={FaultKind(name): float(rate) for name, rate in args.fault_rates.items()},
-        request_log_path=args.log, deny_access=args.deny_access,
-    )
+    try:
+        return EmulatorConfig(
+            port=args.port, latency_s=args.latency, latency_median_s=args.latency_median,
+            latency_sigma=args.latency_sigma, quota_rpm=args.quota_rpm, quota_burst=args.quota_burst,
+            output_max_pixels=args.output_max_pixels, png_compress_level=args.png_compress_level,
+            canned_output=args.canned_output, seed=args.seed, slow_s=args.slow,
+            fault_rates={FaultKind(name): float(rate) for name, rate in args.fault_rates.items()},
+            request_log_path=args.log, deny_access=args.deny_access,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))  # exits 2 with the usage line
 
 
 def main(argv: Sequence[str] | None = None) -> None:

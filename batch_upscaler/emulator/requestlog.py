@@ -18,7 +18,7 @@ class RequestRecord:
     """One invoke request. ``fault`` is the injected FaultKind value, None for a plain answer."""
 
     seq: int
-    at: float  # time.time() when the answer was sent
+    at: float  # time.time() when the answer was sent (or the request was rejected)
     model_id: str
     image_sha256: str | None
     input_size: tuple[int, int] | None
@@ -29,6 +29,8 @@ class RequestRecord:
     duration_s: float
     image_format: str | None = None  # jpeg | png | webp | unknown, sniffed from the decoded image
     params: Mapping[str, Any] | None = None  # the body's parameters other than ``image``
+    received_at: float | None = None  # time.time() when the request arrived
+    latency_s: float | None = None  # the latency drawn for this answer (None: none was reached)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

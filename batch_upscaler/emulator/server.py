@@ -1,8 +1,9 @@
 """The aiohttp application that answers bedrock-runtime ``InvokeModel`` calls for the upscale models.
 
 Per request, in this order: auth header present, access allowed, model id, body size, quota,
-body schema, base64, injected fault, upscale (in a worker thread), latency, answer. Every
-invoke request -- rejected or not -- is recorded exactly once in the RequestLog.
+body schema, base64, injected fault, upscale (in a worker thread; reused per size and format
+when ``canned_output``), latency (fixed or lognormal), answer. Every invoke request -- rejected
+or not -- is recorded exactly once in the RequestLog.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from aiohttp import web
 from batch_upscaler.catalogue import ModelName, ModelSpec
 from batch_upscaler.emulator import protocol
 from batch_upscaler.emulator.faults import FaultKind, FaultPicker, fault_body, fault_error
+from batch_upscaler.emulator.latency import LatencyModel
 from batch_upscaler.emulator.protocol import ErrorCode, ErrorReply, Rejected
 from batch_upscaler.emulator.quota import TokenBucket
 from batch_upscaler.emulator.request import (
@@ -31,7 +33,7 @@ from batch_upscaler.emulator.request import (
 )
 from batch_upscaler.emulator.requestlog import RequestLog, RequestRecord
 from batch_upscaler.emulator.settings import EmulatorConfig
-from batch_upscaler.emulator.upscale import ImageRejected, UpscaleResult, sniff_format, upscale
+from batch_upscaler.emulator.upscale import CannedOutputs, ImageRejected, UpscaleResult, sniff_format, upscale
 
 # Above the 25,000,000-byte Bedrock cap so that *our* ValidationException answers, not aiohttp's 413.
 CLIENT_MAX_SIZE = 64 * 1024 * 1024
@@ -51,6 +53,7 @@ class _Exchange:
     seq: int
     model_id: str
     started: float
+    received_at: float = field(default_factory=time.time)
     request_id: str = field(default_factory=protocol.new_request_id)
     image_sha256: str | None = None
     input_size: tuple[int, int] | None = None
@@ -59,6 +62,7 @@ class _Exchange:
     error_type: str | None = None
     image_format: str | None = None
     params: dict[str, Any] | None = None
+    latency_s: float | None = None
 
     def record(self, status: int, now: float) -> RequestRecord:
         return RequestRecord(
@@ -66,6 +70,7 @@ class _Exchange:
             input_size=self.input_size, status=status, error_type=self.error_type,
             fault=None if self.fault is None else str(self.fault), output_size=self.output_size,
             duration_s=max(0.0, now - self.started), image_format=self.image_format, params=self.params,
+            received_at=self.received_at, latency_s=self.latency_s,
         )
 
 
@@ -136,6 +141,9 @@ class _Invoker:
         # A separate stream from the fault draws, so asking for seeds never shifts the faults.
         self._seeds = random.Random(f"seeds-{config.seed}")
         self._buckets: dict[ModelName, TokenBucket] = {}
+        self._latency = LatencyModel.from_config(config)
+        self._canned = (CannedOutputs(config.output_max_pixels, config.png_compress_level)
+                        if config.canned_output else None)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         exchange = _Exchange(seq=self._log.next_seq(), model_id=_model_id(request), started=self._clock())
@@ -193,8 +201,9 @@ class _Invoker:
         exchange.input_size = answer.result.input_size
         if fault is not FaultKind.CONTENT_FILTERED:
             exchange.output_size = answer.result.output_size
-        if self._config.latency_s > 0:
-            await asyncio.sleep(self._config.latency_s)
+        exchange.latency_s = delay = self._latency.draw()
+        if delay > 0:
+            await asyncio.sleep(delay)
         headers = {
             protocol.REQUEST_ID_HEADER: exchange.request_id,
             protocol.INVOCATION_LATENCY_HEADER: str(round((self._clock() - started) * 1000)),
@@ -207,10 +216,13 @@ class _Invoker:
 
     def _render(self, spec: ModelSpec, invoke: InvokeRequest, fault: FaultKind, seed: int) -> _Answer:
         """Worker-thread part: upscale, base64 and the JSON body (all CPU-heavy for big images)."""
-        result = upscale(invoke.image, spec, invoke.output_format,
-                         max_pixels=self._config.output_max_pixels,
-                         png_compress_level=self._config.png_compress_level)
-        image_b64 = protocol.b64encode(result.data)
+        if self._canned is not None:
+            result, image_b64 = self._canned.upscale(invoke.image, spec, invoke.output_format)
+        else:
+            result = upscale(invoke.image, spec, invoke.output_format,
+                             max_pixels=self._config.output_max_pixels,
+                             png_compress_level=self._config.png_compress_level)
+            image_b64 = protocol.b64encode(result.data)
         body, content_type = fault_body(fault, seed, image_b64)
         return _Answer(body, content_type, result)
 

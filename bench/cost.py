@@ -1,0 +1,128 @@
+"""Scenario ``cost``: client CPU per image and peak RSS at realistic sizes, next to a floor.
+
+Inputs are ~1 MP photo-like JPEGs; the emulator (another process) answers Conservative's ~9.7 MP
+PNG with a canned image, small latency and no quota, so the client is the busy side. Each
+concurrency runs in a fresh child process (``python -m bench cost --concurrency N``) because peak
+RSS is a high-water mark. The child measures the runner's CPU (getrusage user+sys of its own
+process, all threads), then the floor on the same files: read the input, base64-encode it,
+base64-decode the canned output, write the output file (no fsync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pybase64
+
+from bench import job
+from bench.corpus import photo_jpegs
+from bench.emulator_process import EmulatorProcess, EmulatorSpec
+from bench.resources import cpu_seconds, emit, in_fresh_process, peak_rss_mb
+from bench.table import Check, Column, Row, ScenarioResult
+from bench.workspace import Workspace
+
+CONCURRENCIES = (8, 32)
+IMAGES, SMOKE_IMAGES = 96, 4
+EMULATOR = EmulatorSpec(latency_s=0.05, canned_output=True)  # no quota, no output cap: ~9.7 MP PNG
+RATIO_TARGET, RSS_TARGET_MB = 1.3, 400.0
+UNLIMITED_RPM = 100_000
+
+COLUMNS = (
+    Column("concurrency", "concurrency"), Column("images", "images"), Column("failed", "failed"),
+    Column("output_mb", "output MB/image", "{:.1f}"), Column("runner_cpu_ms", "runner CPU ms/image", "{:.1f}"),
+    Column("floor_cpu_ms", "floor CPU ms/image", "{:.1f}"), Column("ratio", "runner/floor", "{:.2f}"),
+    Column("peak_rss_mb", "peak RSS MB", "{:.0f}"), Column("elapsed_s", "wall s", "{:.1f}"),
+)
+
+
+def run(workspace: Workspace) -> ScenarioResult:
+    images = SMOKE_IMAGES if workspace.smoke else IMAGES
+    inputs = photo_jpegs(workspace.corpus_dir(f"cost-{images}"), images)
+    result = ScenarioResult("cost", workspace.smoke, COLUMNS)
+    work = workspace.fresh("cost")
+    with EmulatorProcess(EMULATOR, work / "requests.jsonl") as emulator:
+        for concurrency in CONCURRENCIES:
+            child_work = work / f"c{concurrency}"
+            args = ["cost", "--concurrency", str(concurrency), "--endpoint", emulator.endpoint_url,
+                    "--inputs", str(inputs), "--work", str(child_work)]
+            result.rows.append(in_fresh_process(args, timeout_s=1800))
+            shutil.rmtree(child_work, ignore_errors=True)  # ~1 GB of outputs per concurrency
+    result.checks = [check for row in result.rows for check in _checks(row)]
+    return result
+
+
+def _checks(row: Row) -> list[Check]:
+    c = row["concurrency"]
+    checks = [Check(f"runner/floor CPU c={c}", row["ratio"], f"<= {RATIO_TARGET}", row["ratio"] <= RATIO_TARGET),
+              Check(f"failed images c={c}", row["failed"], "0", row["failed"] == 0)]
+    if c == max(CONCURRENCIES):
+        checks.append(Check(f"peak RSS MB c={c}", row["peak_rss_mb"], f"<= {RSS_TARGET_MB:g}",
+                            row["peak_rss_mb"] <= RSS_TARGET_MB))
+    return checks
+
+
+def add_child_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--concurrency", type=int, help="cost: measure one concurrency in this process")
+    parser.add_argument("--endpoint", help="cost: an emulator already running (else one is started)")
+    parser.add_argument("--inputs", type=Path, help="cost: folder of input JPEGs")
+    parser.add_argument("--work", type=Path, help="cost: work folder (outputs, checkpoint)")
+    parser.add_argument("--profile", type=Path, help="cost: write a cProfile summary of the runner here")
+
+
+def child(args: argparse.Namespace, workspace: Workspace) -> None:
+    """One concurrency, measured in this (fresh) process; emits its table row."""
+    inputs = args.inputs or photo_jpegs(workspace.corpus_dir(f"cost-{IMAGES}"), IMAGES)
+    work = args.work or workspace.fresh(f"cost-c{args.concurrency}")
+    if args.endpoint:
+        emit(measure(args.concurrency, args.endpoint, inputs, work, args.profile))
+        return
+    with EmulatorProcess(EMULATOR, work / "requests.jsonl") as emulator:
+        emit(measure(args.concurrency, emulator.endpoint_url, inputs, work, args.profile))
+
+
+def measure(concurrency: int, endpoint_url: str, inputs: Path, work: Path, profile: Path | None) -> Row:
+    spec = job.JobSpec(name=f"cost-c{concurrency}", sources=inputs, work_dir=work, endpoint_url=endpoint_url,
+                       concurrency=concurrency, requests_per_minute=UNLIMITED_RPM)
+    profiler = cProfile.Profile() if profile else None
+    before = cpu_seconds()
+    if profiler is not None:
+        profiler.enable()
+    run = job.run(spec)
+    if profiler is not None:
+        profiler.disable()
+    runner_cpu = cpu_seconds() - before
+    rss = peak_rss_mb()
+    if profiler is not None and profile is not None:
+        _write_profile(profiler, profile)
+    outputs = sorted((work / "out").rglob("*.png"))
+    floor_cpu = measure_floor(sorted(inputs.glob("*.jpg")), outputs[0], work / "floor") if outputs else float("nan")
+    images = run.succeeded + run.failed + run.pending
+    output_mb = sum(p.stat().st_size for p in outputs) / max(1, len(outputs)) / 1e6
+    return {"concurrency": concurrency, "images": images, "failed": run.failed, "succeeded": run.succeeded,
+            "output_mb": output_mb, "runner_cpu_ms": 1000 * runner_cpu / max(1, run.succeeded),
+            "floor_cpu_ms": 1000 * floor_cpu / max(1, images), "ratio": runner_cpu / floor_cpu,
+            "peak_rss_mb": rss, "elapsed_s": run.elapsed_s, "requests": run.requests}
+
+
+def measure_floor(inputs: list[Path], canned_output: Path, out_dir: Path) -> float:
+    """CPU seconds for the work any client must do per image, on the same inputs and output size."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    canned_b64 = pybase64.b64encode(canned_output.read_bytes())  # what the answer carries, made untimed
+    before = cpu_seconds()
+    for path in inputs:
+        pybase64.b64encode(path.read_bytes())
+        (out_dir / f"{path.stem}.png").write_bytes(pybase64.b64decode(canned_b64))
+    return cpu_seconds() - before
+
+
+def _write_profile(profiler: cProfile.Profile, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        stats: Any = pstats.Stats(profiler, stream=out)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumulative").print_stats(40)
