@@ -32,7 +32,7 @@ from batch_upscaler.finishing import finish
 from batch_upscaler.outputs import OutputPathError, OutputStore
 from batch_upscaler.payload import Payload, PayloadError, build_payload
 from batch_upscaler.ratelimit import RateLimiter
-from batch_upscaler.retry import Action, AttemptError, Backoff, decide
+from batch_upscaler.retry import Action, AttemptError, Backoff, decide, possibly_billed
 from batch_upscaler.settings import JobSettings, request_fingerprint
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ class WorkerPool:
         return state
 
     async def _attempts(self, item: WorkItem, payload: Payload) -> bytes | AttemptError | None:
+        billed_failures = 0
         for attempt in itertools.count(1):
             await self.limiter.acquire()
             self.checkpoint.count_attempt(item.key)
@@ -172,7 +173,9 @@ class WorkerPool:
             if isinstance(result, bytes):
                 self.limiter.on_success()
                 return result
-            decision = decide(result, attempt, self.settings.limits.max_attempts, self.backoff, self.rng)
+            billed_failures += possibly_billed(result)
+            decision = decide(result, attempt, self.settings.limits.max_attempts, self.backoff, self.rng,
+                              billed_failures)
             if decision.throttling:
                 self.stats.throttles += 1
                 self.checkpoint.count_throttle(item.key)

@@ -39,11 +39,13 @@ class AttemptError:
 class ErrorPolicy:
     action: Action
     throttling: bool = False
-    attempt_cap: int | None = None  # stricter than limits.max_attempts
+    # The request may already have run (and been billed): after this many such failures of one
+    # image, stop re-sending it, however many attempts limits.max_attempts would still allow.
+    possibly_billed_cap: int | None = None
 
 
 _RETRY = ErrorPolicy(Action.RETRY)
-_RETRY_ONCE = ErrorPolicy(Action.RETRY, attempt_cap=2)
+_RETRY_ONCE = ErrorPolicy(Action.RETRY, possibly_billed_cap=2)
 _THROTTLED = ErrorPolicy(Action.RETRY, throttling=True)
 _FAIL = ErrorPolicy(Action.FAIL)
 _FATAL = ErrorPolicy(Action.FATAL)
@@ -102,12 +104,20 @@ class Decision:
     throttling: bool = False
 
 
+def possibly_billed(error: AttemptError) -> bool:
+    return policy_for(error).possibly_billed_cap is not None
+
+
 def decide(error: AttemptError, attempt: int, max_attempts: int, backoff: Backoff,
-           rng: random.Random) -> Decision:
-    """What to do after ``attempt`` (1-based) ended with ``error``."""
+           rng: random.Random, billed_failures: int = 0) -> Decision:
+    """What to do after ``attempt`` (1-based) ended with ``error``.
+
+    ``billed_failures`` counts this image's possibly-billed failures so far, this one included.
+    """
     policy = policy_for(error)
-    cap = min(max_attempts, policy.attempt_cap or max_attempts)
-    if policy.action is Action.RETRY and attempt >= cap:
+    cap = policy.possibly_billed_cap
+    exhausted = attempt >= max_attempts or (cap is not None and billed_failures >= cap)
+    if policy.action is Action.RETRY and exhausted:
         return Decision(Action.FAIL, throttling=policy.throttling)
     if policy.action is not Action.RETRY:
         return Decision(policy.action, throttling=policy.throttling)

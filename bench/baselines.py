@@ -28,7 +28,7 @@ from bench import job
 from bench.accounting import summarize
 from bench.emulator_process import EmulatorProcess
 from bench.table import Check, Row, ScenarioResult
-from bench.throughput import COLUMNS, CONCURRENCY, EMULATOR, QUOTA_RPM, corpus, measure_runner, traffic_row
+from bench.throughput import COLUMNS, CONCURRENCY, EMULATOR, QUOTA_RPM, corpus, measure_runner, slug, traffic_row
 from bench.workspace import Workspace
 
 IMAGES, SMOKE_IMAGES = 300, 12
@@ -96,7 +96,7 @@ def _gather_loop(mode: str) -> Callable[[str, list[Path], Path, float], int]:
 def _measure_baseline(workspace: Workspace, variant: str, images: int, cap_s: float,
                       loop: Callable[[str, list[Path], Path, float], int]) -> Row:
     inputs = sorted(corpus(workspace, images).glob("*.png"))
-    work = workspace.fresh(f"baseline-{variant.split()[0]}")
+    work = workspace.fresh(slug(variant))
     out = work / "out"
     out.mkdir()
     with EmulatorProcess(EMULATOR, work / "requests.jsonl") as emulator:

@@ -19,10 +19,15 @@ RESULT_PREFIX = "BENCH-RESULT "
 _REPO = Path(__file__).resolve().parents[1]
 
 
+def cpu_times() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process (all its threads), not of its children."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process (all its threads), not of its children."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return sum(cpu_times())
 
 
 def peak_rss_mb() -> float:

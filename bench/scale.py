@@ -115,16 +115,13 @@ def child(args: argparse.Namespace) -> None:
 def measure_scan(manifest: Path) -> Row:
     """(i) Discovery alone, then discovery + scan into the (fresh) checkpoint."""
     settings = load_settings(manifest)
-    roots = resolve_sources(settings)
-    discovery = Discovery(roots.values(), settings.exclude, prune=(settings.output_dir, settings.state_dir),
-                          base_dir=settings.base_dir)
     started = time.perf_counter()
-    walked = sum(1 for _ in discovery)
+    walked = sum(1 for _ in _discovery(settings))
     walk_s = time.perf_counter() - started
     checkpoint = Checkpoint.open(settings.checkpoint_path, settings.name)
     try:
         started = time.perf_counter()
-        summary = Scanner(settings, checkpoint, LocalOutputStore(settings.output_dir)).run(discovery)
+        summary = Scanner(settings, checkpoint, LocalOutputStore(settings.output_dir)).run(_discovery(settings))
         scan_s = time.perf_counter() - started
         pending = checkpoint.counts()[ItemState.PENDING]
     finally:
@@ -132,6 +129,12 @@ def measure_scan(manifest: Path) -> Row:
     return {"phase": "(i) discovery + scan", "items": summary.discovered, "pending": pending,
             "files_per_s": summary.discovered / scan_s, "walk_files_per_s": walked / walk_s,
             "knows_s": scan_s, "elapsed_s": scan_s, "requests": 0, "peak_rss_mb": peak_rss_mb()}
+
+
+def _discovery(settings: JobSettings) -> Discovery:
+    """A fresh walk (a Discovery remembers what it yielded, so each pass needs its own)."""
+    return Discovery(resolve_sources(settings).values(), settings.exclude,
+                     prune=(settings.output_dir, settings.state_dir), base_dir=settings.base_dir)
 
 
 def measure_resume(manifest: Path) -> Row:

@@ -9,6 +9,7 @@ last successful answer.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from bench import job
@@ -39,6 +40,11 @@ COLUMNS = (
 )
 
 
+def slug(variant: str) -> str:
+    """A file- and job-name-safe form of a variant's label."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", variant).strip("-")[:64]
+
+
 def corpus(workspace: Workspace, images: int) -> Path:
     return distinct_pngs(workspace.corpus_dir(f"throughput-{images}"), images, INPUT_SIDE)
 
@@ -55,9 +61,10 @@ def measure_runner(workspace: Workspace, variant: str, rpm: float | str, images:
                    time_cap_s: float | None = None) -> Row:
     """The real runner (in this process) on ``images`` distinct inputs against a fresh emulator."""
     inputs = corpus(workspace, images)
-    work = workspace.fresh(f"runner-{variant}")
+    name = slug(variant)
+    work = workspace.fresh(name)
     with EmulatorProcess(EMULATOR, work / "requests.jsonl") as emulator:
-        spec = job.JobSpec(name=f"bench-{variant}", sources=inputs, work_dir=work,
+        spec = job.JobSpec(name=name, sources=inputs, work_dir=work,
                            endpoint_url=emulator.endpoint_url, concurrency=CONCURRENCY, requests_per_minute=rpm)
         run = job.run(spec, max_duration_s=time_cap_s)
         traffic = summarize(emulator.records())

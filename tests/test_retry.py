@@ -12,8 +12,9 @@ BACKOFF = Backoff(base_s=2, max_s=60)
 
 
 def decision(code: str, attempt: int = 1, max_attempts: int = 6, message: str = "", status: int | None = None,
-             retry_after: float | None = None) -> tuple[Action, bool]:
-    d = decide(AttemptError(code, message, status, retry_after), attempt, max_attempts, BACKOFF, random.Random(1))
+             retry_after: float | None = None, billed: int = 0) -> tuple[Action, bool]:
+    d = decide(AttemptError(code, message, status, retry_after), attempt, max_attempts, BACKOFF, random.Random(1),
+               billed)
     return d.action, d.throttling
 
 
@@ -48,9 +49,11 @@ def test_unknown_codes_retry_only_when_server_side() -> None:
 def test_attempt_caps() -> None:
     assert decision("ThrottlingException", attempt=5)[0] is Action.RETRY
     assert decision("ThrottlingException", attempt=6) == (Action.FAIL, True)
-    assert decision("read_timeout", attempt=1)[0] is Action.RETRY
-    assert decision("read_timeout", attempt=2)[0] is Action.FAIL  # may be billed: at most one re-send
-    assert decision("ModelTimeoutException", attempt=2)[0] is Action.FAIL
+    assert decision("read_timeout", attempt=1, billed=1)[0] is Action.RETRY
+    assert decision("read_timeout", attempt=2, billed=2)[0] is Action.FAIL  # may be billed: one re-send only
+    assert decision("ModelTimeoutException", attempt=2, billed=2)[0] is Action.FAIL
+    # Earlier throttles (never billed) do not use up the one re-send of a possibly billed failure.
+    assert decision("response_interrupted", attempt=4, billed=1)[0] is Action.RETRY
 
 
 def test_backoff_is_jittered_exponential_and_capped() -> None:

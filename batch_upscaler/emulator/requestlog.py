@@ -29,6 +29,7 @@ class RequestRecord:
     duration_s: float
     image_format: str | None = None  # jpeg | png | webp | unknown, sniffed from the decoded image
     params: Mapping[str, Any] | None = None  # the body's parameters other than ``image``
+    output_sha256: str | None = None  # of the image returned (faults that break the body aside)
     received_at: float | None = None  # time.time() when the request arrived
     latency_s: float | None = None  # the latency drawn for this answer (None: none was reached)
 

@@ -9,6 +9,7 @@ or not -- is recorded exactly once in the RequestLog.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -58,6 +59,7 @@ class _Exchange:
     image_sha256: str | None = None
     input_size: tuple[int, int] | None = None
     output_size: tuple[int, int] | None = None
+    output_sha256: str | None = None
     fault: FaultKind | None = None
     error_type: str | None = None
     image_format: str | None = None
@@ -70,6 +72,7 @@ class _Exchange:
             input_size=self.input_size, status=status, error_type=self.error_type,
             fault=None if self.fault is None else str(self.fault), output_size=self.output_size,
             duration_s=max(0.0, now - self.started), image_format=self.image_format, params=self.params,
+            output_sha256=self.output_sha256,
             received_at=self.received_at, latency_s=self.latency_s,
         )
 
@@ -201,6 +204,7 @@ class _Invoker:
         exchange.input_size = answer.result.input_size
         if fault is not FaultKind.CONTENT_FILTERED:
             exchange.output_size = answer.result.output_size
+            exchange.output_sha256 = hashlib.sha256(answer.result.data).hexdigest()
         exchange.latency_s = delay = self._latency.draw()
         if delay > 0:
             await asyncio.sleep(delay)
