@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -78,9 +78,26 @@ CREATE TABLE IF NOT EXISTS runs (
     requests INTEGER NOT NULL DEFAULT 0,
     throttles INTEGER NOT NULL DEFAULT 0,
     rate_mode TEXT,
-    final_rpm REAL
+    final_rpm REAL,
+    spent_usd REAL
 );
 """
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Additive migration: a checkpoint written by an older version gains the newer columns, so an
+    upgrade never strands a half-finished job. The wanted layout is read from _SCHEMA itself, built
+    in memory, so the schema has one source."""
+    wanted = sqlite3.connect(":memory:")
+    wanted.executescript(_SCHEMA)
+    tables = [r[0] for r in wanted.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    for table in tables:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for _, name, kind, _notnull, default, _pk in wanted.execute(f"PRAGMA table_info({table})"):
+            if name not in have:  # added columns are nullable or carry a default
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}"
+                             + (f" DEFAULT {default}" if default is not None else ""))
+    wanted.close()
 
 
 class ItemState(StrEnum):
@@ -155,6 +172,7 @@ class Checkpoint:
         self._now = now
         self._scan_id = 0
         self._pending_writes = 0
+        self._dry = False  # inside dry_run(): nothing is ever committed
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -168,6 +186,7 @@ class Checkpoint:
             if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("quick_check failed")
             conn.executescript(_SCHEMA)
+            _add_missing_columns(conn)
         except sqlite3.DatabaseError as exc:
             raise CheckpointError(f"{path}: checkpoint database is unreadable ({exc}); "
                                   "it was left untouched — move it away to start this job afresh") from None
@@ -191,6 +210,16 @@ class Checkpoint:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self._conn.in_transaction:  # nested (a dry run): a savepoint keeps the move atomic
+            self._conn.execute("SAVEPOINT move")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK TO move")
+                self._conn.execute("RELEASE move")
+                raise
+            self._conn.execute("RELEASE move")
+            return
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
@@ -199,26 +228,46 @@ class Checkpoint:
             raise
         self._conn.execute("COMMIT")
 
+    @contextmanager
+    def dry_run(self) -> Iterator[None]:
+        """Everything inside happens as it would, is visible to queries inside, and is rolled back.
+
+        ``plan`` runs the very same recover/scan/retry code as ``run`` this way, so its counts are
+        what the run will see.
+        """
+        self._conn.execute("BEGIN IMMEDIATE")
+        self._dry = True
+        scan_id = self._scan_id
+        try:
+            yield
+        finally:
+            self._conn.execute("ROLLBACK")
+            self._dry = False
+            self._scan_id = scan_id
+
     # ---- scanning ------------------------------------------------------------------------
     @contextmanager
     def scan(self) -> Iterator[int]:
         """A discovery pass: writes are batched; on completion unseen items are marked gone."""
         self._scan_id += 1
-        self._conn.execute("BEGIN IMMEDIATE")
+        if not self._dry:
+            self._conn.execute("BEGIN IMMEDIATE")
         self._pending_writes = 0
         try:
             yield self._scan_id
             self._conn.execute("UPDATE items SET gone = (scan_id <> ?)", (self._scan_id,))
             self._conn.execute("UPDATE meta SET value = ? WHERE key = 'scan_id'", (str(self._scan_id),))
         except BaseException:
-            self._conn.execute("COMMIT")  # keep what was recorded; the next scan redoes the rest
+            if not self._dry:
+                self._conn.execute("COMMIT")  # keep what was recorded; the next scan redoes the rest
             raise
-        self._conn.execute("COMMIT")
+        if not self._dry:
+            self._conn.execute("COMMIT")
 
     def _scan_write(self, sql: str, args: tuple[Any, ...]) -> None:
         self._conn.execute(sql, args)
         self._pending_writes += 1
-        if self._pending_writes >= 2000:  # bound the WAL growth of a 100k-file first scan
+        if self._pending_writes >= 2000 and not self._dry:  # bound the WAL growth of a 100k-file first scan
             self._conn.execute("COMMIT")
             self._conn.execute("BEGIN IMMEDIATE")
             self._pending_writes = 0
@@ -311,6 +360,13 @@ class Checkpoint:
                                 "error_code = NULL, error_message = NULL WHERE state = 'failed' AND gone = 0"
                                 ).rowcount
 
+    def retry_keys(self, keys: Iterable[str]) -> int:
+        """``--only``: these failed items become pending again."""
+        with self._transaction() as conn:
+            return sum(conn.execute("UPDATE items SET state = 'pending', attempts = 0, throttles = 0, "
+                                    "error_code = NULL, error_message = NULL WHERE key = ? AND state = 'failed'",
+                                    (key,)).rowcount for key in keys)
+
     # ---- reading -------------------------------------------------------------------------
     def pending(self, after_seq: int, limit: int) -> list[WorkItem]:
         rows = self._conn.execute(
@@ -333,6 +389,31 @@ class Checkpoint:
             (content_sha256, params_hash, key)).fetchone()
         return None if row is None else (str(row[0]), str(row[1]))
 
+    def reasons(self, state: ItemState) -> dict[str, int]:
+        """Live items in ``state`` counted by error code (skips and failures by reason)."""
+        rows = self._conn.execute("SELECT COALESCE(error_code, 'unknown'), COUNT(*) FROM items "
+                                  "WHERE state = ? AND gone = 0 GROUP BY 1 ORDER BY 1", (state.value,))
+        return {str(code): int(n) for code, n in rows.fetchall()}
+
+    def totals(self) -> dict[str, float]:
+        """Job-wide sums for metrics: attempts, throttles, retries, de-duplicated, last success time."""
+        row = self._conn.execute(
+            "SELECT COALESCE(SUM(attempts), 0), COALESCE(SUM(throttles), 0), "
+            "COALESCE(SUM(MAX(attempts - 1, 0)), 0), COUNT(dedup_of), "
+            "COALESCE(MAX(CASE WHEN state = 'succeeded' THEN finished_at END), 0) FROM items WHERE gone = 0"
+        ).fetchone()
+        return dict(zip(("attempts", "throttles", "retries", "deduplicated", "last_success"),
+                        (float(v) for v in row), strict=True))
+
+    def succeeded_hashes_by_size(self) -> dict[int, set[str]]:
+        """Content hashes of succeeded items, by file size (what a pending duplicate could reuse)."""
+        found: dict[int, set[str]] = {}
+        rows = self._conn.execute("SELECT size, content_sha256 FROM items WHERE state = 'succeeded' AND gone = 0 "
+                                  "AND content_sha256 IS NOT NULL")
+        for size, digest in rows:
+            found.setdefault(int(size), set()).add(str(digest))
+        return found
+
     def state_of(self, key: str) -> ItemState | None:
         row = self._conn.execute("SELECT state FROM items WHERE key = ?", (key,)).fetchone()
         return None if row is None else ItemState(row[0])
@@ -351,11 +432,11 @@ class Checkpoint:
             return int(cur.lastrowid or 0)
 
     def finish_run(self, run_id: int, exit_code: int, requests: int, throttles: int, *,
-                   rate_mode: str | None = None, final_rpm: float | None = None) -> None:
+                   rate_mode: str | None = None, final_rpm: float | None = None, spent_usd: float = 0.0) -> None:
         with self._transaction() as conn:
             conn.execute("UPDATE runs SET finished_at = ?, exit_code = ?, requests = ?, throttles = ?, "
-                         "rate_mode = ?, final_rpm = ? WHERE id = ?",
-                         (self._now(), exit_code, requests, throttles, rate_mode, final_rpm, run_id))
+                         "rate_mode = ?, final_rpm = ?, spent_usd = ? WHERE id = ?",
+                         (self._now(), exit_code, requests, throttles, rate_mode, final_rpm, spent_usd, run_id))
 
     def runs(self) -> list[dict[str, Any]]:
         cur = self._conn.execute("SELECT * FROM runs ORDER BY id")

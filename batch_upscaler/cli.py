@@ -16,11 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from batch_upscaler import __version__
 from batch_upscaler.checkpoint import Checkpoint
 from batch_upscaler.errors import ExitCode, UpscalerError, UsageError
+from batch_upscaler.logformat import JsonFormatter, text_formatter
 from batch_upscaler.manifest import load_settings
 from batch_upscaler.settings import JobSettings, RunOptions
 
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run (or resume) the job a manifest describes")
     _job_args(run)
     run.add_argument("--retry-failed", action="store_true", help="make failed items pending again first")
+    run.add_argument("--only", type=Path, metavar="FILE-LIST",
+                     help="process just the files listed (one path per line, as in failed.txt); "
+                          "listed failed files are retried")
     run.add_argument("--limit", "--max-images", dest="limit", type=_positive_int,
                      help="start at most N images in this run (exit 75 if work remains)")
     run.add_argument("--max-duration", type=_duration, help="start no new image after this long, e.g. 5h30m, "
@@ -48,11 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rpm", type=_rate, help="requests started per minute, or 'auto' to find the quota "
                      "(limits.requests_per_minute)")
     run.add_argument("--backend", choices=("bedrock", "emulator"), help="override the manifest's backend")
+    run.add_argument("--max-cost", type=float, help="stop starting requests once this run's estimated spend "
+                     "would pass this many USD (limits.max_cost_usd); exit 75")
     run.add_argument("--endpoint-url", help="a Bedrock-compatible endpoint (bedrock.endpoint_url)")
     run.add_argument("--region", help="AWS region (bedrock.region)")
     run.add_argument("--profile", help="AWS named profile (bedrock.profile)")
+    run.add_argument("--metrics-file", type=Path, help="Prometheus textfile to keep up to date "
+                     "(default: <report_dir>/metrics.prom; point it into node_exporter's textfile directory)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="show the progress bar (default: only on a terminal)")
+    plan = sub.add_parser("plan", help="what a run would do now: counts, requests, cost and time (sends nothing)")
+    _job_args(plan)
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument("--retry-failed", action="store_true", help="plan as if run with --retry-failed")
+    plan.add_argument("--limit", "--max-images", dest="limit", type=_positive_int, help="plan at most N images")
     for name, text in (("report", "rewrite the report from the checkpoint"),
                        ("status", "counts per state from the checkpoint")):
         _job_args(sub.add_parser(name, help=text))
@@ -72,6 +86,8 @@ def _job_args(parser: argparse.ArgumentParser) -> None:
                         f"{'}'} or ./{DEFAULT_CONFIG} if present)")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one object per line (timestamp, level, job, event, file, attempt, error_code)")
 
 
 def _positive_int(text: str) -> int:
@@ -116,8 +132,8 @@ def config_path(explicit: Path | None) -> Path | None:
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line flags as a configuration layer (the highest one)."""
     flags: dict[str, Any] = {}
-    limits = {k: v for k, v in (("concurrency", args.concurrency), ("requests_per_minute", args.rpm))
-              if v is not None}
+    limits = {k: v for k, v in (("concurrency", args.concurrency), ("requests_per_minute", args.rpm),
+                                ("max_cost_usd", args.max_cost)) if v is not None}
     bedrock = {k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region),
                                  ("profile", args.profile)) if v is not None}
     if limits:
@@ -139,9 +155,42 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     options = RunOptions(limit=args.limit, retry_failed=args.retry_failed, show_progress=args.progress,
-                         max_duration_s=args.max_duration, grace_s=args.grace, heartbeat_s=args.progress_interval)
+                         only=_read_list(args.only) if args.only else None,
+                         max_duration_s=args.max_duration, grace_s=args.grace, heartbeat_s=args.progress_interval,
+                         metrics_path=args.metrics_file)
     with logging_redirect_tqdm(loggers=[log]):
         return int(run_job(settings, options).exit_code)
+
+
+def _read_list(path: Path) -> frozenset[str]:
+    """Paths from a file list: one per line; blank lines and '#' comments ignored."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--only: cannot read {path}: {exc}") from None
+    return frozenset(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+
+def _job_name(args: argparse.Namespace) -> str | None:
+    """The job name for log lines, read early and leniently (validation comes later, with errors)."""
+    manifest = getattr(args, "manifest", None)
+    if manifest is None:
+        return None
+    try:
+        doc = yaml.safe_load(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    name = doc.get("name") if isinstance(doc, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from batch_upscaler.planner import plan_job, render_plan
+
+    settings = _settings(args)
+    plan = plan_job(settings, RunOptions(limit=args.limit, retry_failed=args.retry_failed))
+    print(json.dumps(plan.to_json(), indent=2) if args.json else render_plan(plan))
+    return ExitCode.OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -181,21 +230,22 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def configure_logging(verbose: bool, quiet: bool) -> None:
+def configure_logging(verbose: bool, quiet: bool, log_format: str = "text", job: str | None = None) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(JsonFormatter(job) if log_format == "json" else text_formatter())
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "status": cmd_status, "emulator": cmd_emulator}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "status": cmd_status, "emulator": cmd_emulator}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False),
+                      getattr(args, "log_format", "text"), _job_name(args))
     try:
         return COMMANDS[args.command](args)
     except UpscalerError as exc:
@@ -204,6 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; run the same command again to resume")
         return int(ExitCode.INTERRUPTED)
+    except Exception as exc:  # a bug: say so in one line; the traceback only when asked for
+        log.error("internal error: %s: %s%s", type(exc).__name__, exc,
+                  "" if getattr(args, "verbose", False) else " (run with -v for the traceback)")
+        log.debug("traceback", exc_info=True)
+        return int(ExitCode.INTERNAL)
 
 
 def entry_point() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -87,6 +87,19 @@ def storable(relpath: str) -> tuple[str, bytes | None]:
         raw = os.fsencode(relpath)
         return raw.decode("utf-8", "backslashreplace"), raw
     return relpath, None
+
+
+def display_path(roots: Mapping[str, SourceRoot], source: str, relpath: str, base_dir: Path) -> str:
+    """How an item is named to people (reports, failed.txt, --only): its path relative to the
+    manifest's directory when it lies below it, else absolute."""
+    root = roots.get(source)
+    if root is None:
+        return f"{source}:{relpath}"
+    path = root.path_of(relpath)
+    try:
+        return path.relative_to(base_dir).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def parse_source(spec: str, base_dir: Path) -> SourceRoot:

@@ -10,6 +10,7 @@ code, so the mapping lives here and nowhere else::
     ├── FatalBackendError         3  the whole run cannot succeed (auth, model access)
     ├── JobLockedError            4  another run of the same job holds the lock
     └── Interrupted              75  stopped by a signal or a cap; run again to resume
+    (any other exception)        70  a bug: one line on stderr, the traceback with -v
 
 Per-item problems are *not* exceptions: they are recorded as data in the checkpoint.
 """
@@ -27,6 +28,7 @@ class ExitCode(IntEnum):
     USAGE = 2
     FATAL_BACKEND = 3
     LOCKED = 4
+    INTERNAL = 70  # EX_SOFTWARE: a bug; the checkpoint is still consistent
     INTERRUPTED = 75  # EX_TEMPFAIL: cron wrappers know it means "try again later"
 
 

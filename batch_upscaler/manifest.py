@@ -139,6 +139,7 @@ _LIMITS = {
     "connect_timeout_s": Key(number(above=0)),
     "backoff_base_s": Key(number(0)),
     "backoff_max_s": Key(number(0)),
+    "max_cost_usd": Key(optional(number(0))),
 }
 _BEDROCK = {"region": Key(is_str), "endpoint_url": Key(optional(url)), "profile": Key(optional(is_str))}
 _EMULATOR = {
@@ -302,7 +303,8 @@ def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: di
     limits = Limits(concurrency=int(lim["concurrency"]), requests_per_minute=None if rpm == "auto" else float(rpm),
                     max_attempts=int(lim["max_attempts"]), read_timeout_s=float(lim["read_timeout_s"]),
                     connect_timeout_s=float(lim["connect_timeout_s"]), backoff_base_s=float(lim["backoff_base_s"]),
-                    backoff_max_s=float(lim["backoff_max_s"]))
+                    backoff_max_s=float(lim["backoff_max_s"]),
+                    max_cost_usd=None if lim.get("max_cost_usd") is None else float(lim["max_cost_usd"]))
     return JobSettings(
         name=merged["name"],
         manifest_path=manifest_path.resolve(),

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from PIL import Image
 
+from batch_upscaler.budget import Budget
 from batch_upscaler.checkpoint import Checkpoint, ItemState, WorkItem
 from batch_upscaler.clock import Clock
 from batch_upscaler.discovery import SourceRoot, printable
@@ -55,7 +56,9 @@ class WorkerPool:
     def __init__(self, *, settings: JobSettings, checkpoint: Checkpoint, invoker: Invoker,
                  outputs: OutputStore, sources: Mapping[str, SourceRoot], limiter: RateLimiter,
                  clock: Clock, rng: random.Random, stop: asyncio.Event,
-                 on_done: Callable[[ItemState], None] = lambda state: None, limit: int | None = None) -> None:
+                 on_done: Callable[[ItemState], None] = lambda state: None, limit: int | None = None,
+                 budget: Budget | None = None, request_stop: Callable[[str], None] | None = None,
+                 only: frozenset[str] | None = None) -> None:
         self.settings = settings
         self.checkpoint = checkpoint
         self.invoker = invoker
@@ -67,6 +70,9 @@ class WorkerPool:
         self.stop = stop
         self.on_done = on_done
         self.limit = limit
+        self.only = only  # item keys; None means every pending item
+        self.budget = budget or Budget(settings.model.price_usd, settings.limits.max_cost_usd)
+        self.request_stop = request_stop or (lambda reason: stop.set())
         self.backoff = Backoff(settings.limits.backoff_base_s, settings.limits.backoff_max_s)
         self.stats = PoolStats()
         self.params_hash = request_fingerprint(settings)
@@ -91,9 +97,11 @@ class WorkerPool:
             for item in page:
                 if self.stop.is_set() or (self.limit is not None and self.stats.started >= self.limit):
                     break
+                after = item.seq
+                if self.only is not None and item.key not in self.only:
+                    continue
                 await queue.put(item)
                 self.stats.started += 1
-                after = item.seq
             else:
                 continue
             break
@@ -166,6 +174,9 @@ class WorkerPool:
     async def _attempts(self, item: WorkItem, payload: Payload) -> bytes | AttemptError | None:
         billed_failures = 0
         for attempt in itertools.count(1):
+            if not self.budget.reserve():
+                self.request_stop("max-cost")
+                return None
             await self.limiter.acquire()
             self.checkpoint.count_attempt(item.key)
             self.stats.requests += 1
@@ -177,6 +188,7 @@ class WorkerPool:
             decision = decide(result, attempt, self.settings.limits.max_attempts, self.backoff, self.rng,
                               billed_failures)
             if decision.throttling:
+                self.budget.refund()
                 self.stats.throttles += 1
                 self.checkpoint.count_throttle(item.key)
                 self.limiter.on_throttle(result.retry_after_s)
@@ -184,7 +196,9 @@ class WorkerPool:
                 raise FatalBackendError(f"{result.code}: {result.message} (model {self.settings.model_id})")
             if decision.action is Action.FAIL:
                 return result
-            log.debug("retrying %s after %s (attempt %d)", item.relpath, result.code, attempt)
+            log.debug("retrying %s after %s (attempt %d)", printable(item.key), result.code, attempt,
+                      extra={"event": "retry", "file": printable(item.key), "attempt": attempt,
+                             "error_code": result.code})
             if self.stop.is_set():
                 return None
             await self.clock.sleep(decision.delay_s)
@@ -204,11 +218,13 @@ class WorkerPool:
         except (OSError, OutputPathError) as exc:
             return self._fail(item, "output_write_failed", f"output_write_failed: {item.output_path}: {exc}")
         self.checkpoint.succeed(item.key, written, image_size(data), payload.sent.size, dedup_of)
+        log.debug("succeeded %s", printable(item.key), extra={"event": "item_succeeded", "file": printable(item.key)})
         return ItemState.SUCCEEDED
 
     def _fail(self, item: WorkItem, code: str, message: str) -> ItemState:
         self.checkpoint.fail(item.key, code, message)
-        log.warning("failed %s: %s", printable(item.key), message)
+        log.warning("failed %s: %s", printable(item.key), message,
+                    extra={"event": "item_failed", "file": printable(item.key), "error_code": code})
         return ItemState.FAILED
 
 

@@ -56,7 +56,7 @@ class Progress:
             return
         while True:
             await asyncio.sleep(interval_s)
-            log.info("%s", self.summary())
+            log.info("%s", self.summary(), extra={"event": "progress"})
 
     def __enter__(self) -> Progress:
         return self

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState
-from batch_upscaler.discovery import parse_source, printable
+from batch_upscaler.discovery import display_path, parse_source, printable
 from batch_upscaler.settings import JobSettings
 
 CSV_COLUMNS = ("source", "output", "status", "input_width", "input_height", "sent_width", "sent_height",
@@ -70,6 +70,9 @@ class ReportWriter:
             self._stream_items(header, js, cs)
         with _atomic(directory / "report.md") as md:
             md.write(render_markdown(header, summary))
+        with _atomic(directory / "failed.txt") as failed:
+            failed.writelines(f"{printable(self._source_display(row))}\n" for row in self.checkpoint.items()
+                              if row["state"] == ItemState.FAILED)
         return directory
 
     def _summarise(self) -> Summary:
@@ -113,6 +116,7 @@ class ReportWriter:
             "failures_by_reason": {k: summary.reason_counts[f"failed:{k}"] for k in sorted(summary.failures)},
             "skips_by_reason": {k: summary.reason_counts[f"skipped:{k}"] for k in sorted(summary.skips)},
             "runs": len(runs),
+            "last_run_spent_usd": round(last.get("spent_usd") or 0.0, 2),
             # The rate the last run ended at: with ``auto``, what the quota was found to allow.
             "rate": {"mode": last.get("rate_mode"),
                      "final_rpm": round(last["final_rpm"], 1) if last.get("final_rpm") else None},
@@ -149,14 +153,7 @@ class ReportWriter:
         }
 
     def _source_display(self, row: dict[str, Any]) -> str:
-        root = self._roots.get(row["source"])
-        if root is None:
-            return f"{row['source']}:{row['relpath']}"
-        path = root.path_of(row["relpath"])  # the printable form for names that are not UTF-8
-        try:
-            return path.relative_to(self.settings.base_dir).as_posix()
-        except ValueError:
-            return str(path)
+        return display_path(self._roots, row["source"], row["relpath"], self.settings.base_dir)
 
 
 def _scale_factor(row: dict[str, Any]) -> float | None:

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batch_upscaler.bedrock import BedrockInvoker, ClientSettings, open_client
+from batch_upscaler.budget import Budget
 from batch_upscaler.checkpoint import Checkpoint, ItemState
 from batch_upscaler.clock import Clock, SystemClock
-from batch_upscaler.discovery import Discovery, SourceRoot, parse_source
+from batch_upscaler.discovery import Discovery, SourceRoot, display_path, parse_source, printable
 from batch_upscaler.emulator import EmulatorConfig, serve
 from batch_upscaler.errors import ExitCode, FatalBackendError, UsageError
 from batch_upscaler.joblock import JobLock
+from batch_upscaler.metrics import write_metrics
 from batch_upscaler.outputs import LocalOutputStore
 from batch_upscaler.pool import PoolStats, WorkerPool
 from batch_upscaler.progress import Progress
@@ -41,6 +43,7 @@ class RunOutcome:
     stopped_by: str | None = None  # "SIGINT", "SIGTERM", "max-duration", "max-images": stopped early
     fatal: FatalBackendError | None = None
     limiter: RateLimiter | None = None
+    budget: Budget | None = None
 
 
 @dataclass(frozen=True)
@@ -87,27 +90,47 @@ def _run_locked(settings: JobSettings, options: RunOptions, checkpoint: Checkpoi
     summary = Scanner(settings, checkpoint, outputs).run(discovery)
     log.info("scan: %d file(s): %d new, %d changed, %d unchanged%s", summary.discovered, summary.new,
              summary.changed, summary.unchanged,
-             "".join(f"; {n} {code}" for code, n in sorted(summary.refused.items())))
+             "".join(f"; {n} {code}" for code, n in sorted(summary.refused.items())), extra={"event": "scan"})
     if options.retry_failed:
         log.info("%d failed item(s) will be retried", checkpoint.retry_failed())
+    only = _only_keys(settings, checkpoint, roots, options.only) if options.only is not None else None
     run_id = checkpoint.begin_run()
     outcome = RunOutcome()
     try:
-        asyncio.run(_execute(settings, options, checkpoint, outputs, roots, outcome, clock, rng))
+        asyncio.run(_execute(settings, options, checkpoint, outputs, roots, outcome, clock, rng, only))
     finally:
         outputs.clean_staging()  # nothing temporary outlives the run (a crash's leftovers go next time)
         counts = checkpoint.counts()
         exit_code = exit_code_for(outcome, counts)
         limiter = outcome.limiter
         checkpoint.finish_run(run_id, exit_code, outcome.stats.requests, outcome.stats.throttles,
-                              rate_mode=limiter.mode if limiter else None, final_rpm=limiter.rpm if limiter else None)
+                              rate_mode=limiter.mode if limiter else None, final_rpm=limiter.rpm if limiter else None,
+                              spent_usd=outcome.budget.spent_usd if outcome.budget else 0.0)
         report_dir = ReportWriter(settings, checkpoint).write()
+        write_metrics(_metrics_path(settings, options), settings.name, checkpoint, settings.model.price_usd)
     if outcome.fatal is not None:
         raise outcome.fatal
     log.info("done: %d succeeded, %d failed, %d skipped, %d pending; report in %s",
              counts[ItemState.SUCCEEDED], counts[ItemState.FAILED], counts[ItemState.SKIPPED],
-             counts[ItemState.PENDING], report_dir)
+             counts[ItemState.PENDING], report_dir, extra={"event": "run_finished"})
     return RunResult(exit_code, counts, outcome.stats.requests, outcome.stats.throttles, report_dir)
+
+
+def _only_keys(settings: JobSettings, checkpoint: Checkpoint, roots: Mapping[str, SourceRoot],
+               wanted: frozenset[str]) -> frozenset[str]:
+    """Keys of the items ``--only`` names; named failed items become pending, unknown names are reported."""
+    keys, found = set(), set()
+    for row in checkpoint.items():
+        name = printable(display_path(roots, row["source"], row["relpath"], settings.base_dir))
+        if name in wanted:
+            keys.add(row["key"])
+            found.add(name)
+    for name in sorted(wanted - found):
+        log.warning("--only: %s is not an item of job %s", name, settings.name)
+    retried = checkpoint.retry_keys(keys)
+    log.info("--only: %d item(s) selected, %d failed one(s) made pending", len(keys), retried)
+    # Listed items already done stay done: --only redoes what is pending or failed, nothing paid twice.
+    return frozenset(key for key in keys if checkpoint.state_of(key) is ItemState.PENDING)
 
 
 def exit_code_for(outcome: RunOutcome, counts: Mapping[ItemState, int]) -> ExitCode:
@@ -120,22 +143,25 @@ def exit_code_for(outcome: RunOutcome, counts: Mapping[ItemState, int]) -> ExitC
 
 async def _execute(settings: JobSettings, options: RunOptions, checkpoint: Checkpoint,
                    outputs: LocalOutputStore, roots: Mapping[str, SourceRoot], outcome: RunOutcome,
-                   clock: Clock, rng: random.Random) -> None:
+                   clock: Clock, rng: random.Random, only: frozenset[str] | None) -> None:
     stop = asyncio.Event()
     limiter = make_limiter(settings.limits.requests_per_minute, clock)
     outcome.limiter = limiter
-    pending = checkpoint.counts()[ItemState.PENDING]
+    pending = checkpoint.counts()[ItemState.PENDING] if only is None else len(only)
     total = pending if options.limit is None else min(pending, options.limit)
     async with _client_settings(settings) as client_settings, open_client(client_settings) as client:
         with Progress(total, options.show_progress, lambda: limiter.rpm) as progress:
             pool = WorkerPool(settings=settings, checkpoint=checkpoint,
                               invoker=BedrockInvoker(client, settings.model_id), outputs=outputs,
                               sources=roots, limiter=limiter, clock=clock, rng=rng, stop=stop,
-                              on_done=progress.item_done, limit=options.limit)
+                              on_done=progress.item_done, limit=options.limit, only=only)
             outcome.stats = pool.stats
+            outcome.budget = pool.budget
             task = asyncio.create_task(pool.run())
             stopper = _Stopper(stop, task, outcome, options.grace_s)
+            pool.request_stop = stopper.stop
             heartbeat = asyncio.create_task(progress.heartbeat(options.heartbeat_s))
+            metrics = asyncio.create_task(_metrics_loop(settings, options, checkpoint))
             deadline = (asyncio.get_running_loop().call_later(options.max_duration_s, stopper.stop, "max-duration")
                         if options.max_duration_s is not None else None)
             try:
@@ -143,10 +169,22 @@ async def _execute(settings: JobSettings, options: RunOptions, checkpoint: Check
                     await _wait_pool(task, outcome)
             finally:
                 heartbeat.cancel()
+                metrics.cancel()
                 if deadline is not None:
                     deadline.cancel()
     if options.limit is not None and pool.stats.started >= options.limit and outcome.stopped_by is None:
         outcome.stopped_by = "max-images"
+
+
+def _metrics_path(settings: JobSettings, options: RunOptions) -> Path:
+    return options.metrics_path or settings.report_dir / "metrics.prom"
+
+
+async def _metrics_loop(settings: JobSettings, options: RunOptions, checkpoint: Checkpoint) -> None:
+    """Keep metrics.prom fresh while the run goes on (the final write happens after the report)."""
+    while True:
+        write_metrics(_metrics_path(settings, options), settings.name, checkpoint, settings.model.price_usd)
+        await asyncio.sleep(options.metrics_interval_s)
 
 
 async def _wait_pool(task: asyncio.Task[PoolStats], outcome: RunOutcome) -> None:
@@ -175,7 +213,8 @@ class _Stopper:
         self.outcome.stopped_by = reason
         self.event.set()
         hint = "; send it again to stop at once" if reason.startswith("SIG") else ""
-        log.warning("%s: no new image starts; finishing requests in flight (up to %gs)%s", reason, self.grace_s, hint)
+        log.warning("%s: no new image starts; finishing requests in flight (up to %gs)%s", reason, self.grace_s, hint,
+                    extra={"event": "stop_requested"})
         self._grace = self.loop.call_later(self.grace_s, self._cancel, f"grace period of {self.grace_s:g}s over")
 
     def _cancel(self, why: str) -> None:

@@ -49,7 +49,9 @@ class ScanSummary:
 class Scanner:
     """Runs one scan pass of ``found`` files into the checkpoint."""
 
-    def __init__(self, settings: JobSettings, checkpoint: Checkpoint, outputs: OutputStore) -> None:
+    def __init__(self, settings: JobSettings, checkpoint: Checkpoint, outputs: OutputStore, *,
+                 quiet: bool = False) -> None:
+        self.quiet = quiet  # plan: count, don't log each refusal
         self.settings = settings
         self.checkpoint = checkpoint
         self.outputs = outputs
@@ -127,8 +129,9 @@ class Scanner:
 
     def _refused(self, base: dict[str, Any], state: ItemState, code: str, detail: str) -> Scanned:
         self.summary.refused[code] = self.summary.refused.get(code, 0) + 1
-        if state is ItemState.FAILED:  # skips are expected in an archive; failures need a look
-            log.warning("failed %s: %s: %s", printable(base["key"]), code, detail)
+        if state is ItemState.FAILED and not self.quiet:  # skips are expected in an archive; failures need a look
+            log.warning("failed %s: %s: %s", printable(base["key"]), code, detail,
+                        extra={"event": "item_failed", "file": printable(base["key"]), "error_code": code})
         return Scanned(state=state, error_code=code, error_message=f"{code}: {detail}", **base)
 
 

@@ -95,6 +95,7 @@ class Limits:
     connect_timeout_s: float = 10.0
     backoff_base_s: float = 2.0
     backoff_max_s: float = 60.0
+    max_cost_usd: float | None = None  # per run: no new request once the estimated spend would pass it
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,9 @@ class RunOptions:
     max_duration_s: float | None = None  # no new item starts after this long (cron windows)
     grace_s: float = 120.0  # after a stop request, how long requests in flight may take to finish
     heartbeat_s: float = 60.0  # without a progress bar: one summary line this often
+    only: frozenset[str] | None = None  # --only: just these items (display paths, as in failed.txt)
+    metrics_path: Path | None = None  # None: <report_dir>/metrics.prom
+    metrics_interval_s: float = 15.0
 
 
 def request_fingerprint(settings: JobSettings) -> str:

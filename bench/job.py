@@ -70,12 +70,12 @@ def manifest_doc(spec: JobSpec) -> dict[str, Any]:
     if spec.model != "fast":
         model |= {"prompt": PROMPT, "creativity": 0.30}
     return {
-        "version": 1, "name": spec.name, "sources": [str(spec.sources)],
-        "output": {"dir": str(spec.work_dir / "out"), "format": spec.output_format},
+        "version": 1, "name": spec.name, "sources": [str(spec.sources.resolve())],
+        "output": {"dir": str(spec.work_dir.resolve() / "out"), "format": spec.output_format},
         "model": model, "backend": "bedrock",
         "bedrock": {"region": "us-east-1", "endpoint_url": spec.endpoint_url},
         "limits": {"concurrency": spec.concurrency, "requests_per_minute": spec.requests_per_minute},
-        "state_dir": str(spec.work_dir / "state"),
+        "state_dir": str(spec.work_dir.resolve() / "state"),
     }
 
 

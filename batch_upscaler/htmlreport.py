@@ -1,0 +1,448 @@
+"""The HTML report: render report.html, one self-contained page a person looks at after a run.
+
+Its one job is turning the checkpoint (plus the header that report.py computed for report.json)
+into a single HTML document with no external assets and no JavaScript: inline CSS, inline SVG
+charts (throughput over time, scale-factor histogram), failures and skips grouped by reason, and
+before/after thumbnails embedded as small JPEG data URIs. A Content-Security-Policy forbids the
+page every network load, so opening it can never reach out. Items are streamed from the
+checkpoint twice (aggregates, then the thumbnail sample); only bounded aggregates are held.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import math
+import os
+import statistics
+import urllib.parse
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from batch_upscaler.checkpoint import Checkpoint, ItemState
+from batch_upscaler.discovery import SourceRoot, parse_source, printable
+from batch_upscaler.settings import JobSettings
+
+GROUP_LIST_LIMIT = 200  # files listed per failure/skip reason; the rest are counted (items.csv has all)
+THUMB_QUALITY = 70
+_MESSAGE_CHARS = 160
+_MAX_BARS = 180
+_NICE_MINUTES = (1, 2, 5, 10, 15, 30, 60, 120, 180, 360, 720, 1440)
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+@dataclass
+class _Group:
+    """One failure or skip reason: its count and the first files (bounded)."""
+
+    count: int = 0
+    rows: list[tuple[str, str]] = field(default_factory=list)  # (file, message)
+
+
+@dataclass
+class _Aggregates:
+    """What one streamed pass over the items collects (all bounded or per-minute)."""
+
+    done_per_minute: Counter[int] = field(default_factory=Counter)
+    failed_per_minute: Counter[int] = field(default_factory=Counter)
+    factors: Counter[float] = field(default_factory=Counter)
+    failures: dict[str, _Group] = field(default_factory=dict)
+    skips: dict[str, _Group] = field(default_factory=dict)
+    succeeded: int = 0
+
+
+class _Names:
+    """Display names and on-disk paths of items (as report.py shows them)."""
+
+    def __init__(self, settings: JobSettings) -> None:
+        self.base_dir = settings.base_dir
+        self.roots: dict[str, SourceRoot] = {s: parse_source(s, settings.base_dir) for s in settings.sources}
+
+    def display(self, row: Mapping[str, Any]) -> str:
+        root = self.roots.get(row["source"])
+        if root is None:
+            return f"{row['source']}:{row['relpath']}"
+        path = root.path_of(row["relpath"])
+        try:
+            return path.relative_to(self.base_dir).as_posix()
+        except ValueError:
+            return str(path)
+
+    def source_path(self, row: Mapping[str, Any]) -> Path | None:
+        root = self.roots.get(row["source"])
+        raw = row.get("raw_relpath")
+        return None if root is None else root.path_of(os.fsdecode(raw) if raw is not None else row["relpath"])
+
+
+def render_html(settings: JobSettings, checkpoint: Checkpoint, header: Mapping[str, Any], *,
+                sample_size: int = 24, thumb_px: int = 160) -> str:
+    """The whole report.html document for ``settings``' job, as one string."""
+    names = _Names(settings)
+    agg = _aggregate(checkpoint, names)
+    samples = _sample(checkpoint, agg.succeeded, sample_size)
+    body = [
+        _summary_section(header, checkpoint.runs()),
+        _throughput_section(agg),
+        _histogram_section(agg),
+        _groups_section("Failures by reason", "failed", agg.failures),
+        _groups_section("Skipped by reason", "skipped", agg.skips),
+        _thumbs_section(samples, agg.succeeded, settings, names, thumb_px),
+    ]
+    return _document(header, thumb_px, "".join(body))
+
+
+# ---- data ------------------------------------------------------------------------------------
+def _aggregate(checkpoint: Checkpoint, names: _Names) -> _Aggregates:
+    agg = _Aggregates()
+    for row in checkpoint.items():
+        state = row["state"]
+        if row["finished_at"] is not None and state in (ItemState.SUCCEEDED, ItemState.FAILED):
+            per_minute = agg.done_per_minute if state == ItemState.SUCCEEDED else agg.failed_per_minute
+            per_minute[int(row["finished_at"] // 60)] += 1
+        if state == ItemState.SUCCEEDED:
+            agg.succeeded += 1
+            if row["width"] and row["output_width"]:
+                agg.factors[round(row["output_width"] / row["width"], 3)] += 1
+        elif state in (ItemState.FAILED, ItemState.SKIPPED):
+            groups = agg.failures if state == ItemState.FAILED else agg.skips
+            group = groups.setdefault(row["error_code"] or "unknown", _Group())
+            group.count += 1
+            if len(group.rows) < GROUP_LIST_LIMIT:
+                group.rows.append((names.display(row), _short_message(row)))
+    return agg
+
+
+def _short_message(row: Mapping[str, Any]) -> str:
+    message = str(row["error_message"] or "")
+    prefix = f"{row['error_code']}: "
+    message = message[len(prefix):] if message.startswith(prefix) else message
+    return message if len(message) <= _MESSAGE_CHARS else message[:_MESSAGE_CHARS - 1] + "…"
+
+
+def _sample(checkpoint: Checkpoint, succeeded: int, size: int) -> list[dict[str, Any]]:
+    """At most ``size`` succeeded items, evenly spaced in discovery (seq) order."""
+    count = min(max(size, 0), succeeded)
+    wanted = {(2 * i + 1) * succeeded // (2 * count) for i in range(count)}
+    picked: list[dict[str, Any]] = []
+    index = 0
+    for row in checkpoint.items():
+        if row["state"] != ItemState.SUCCEEDED:
+            continue
+        if index in wanted:
+            picked.append(row)
+            if len(picked) == len(wanted):
+                break  # the generator (and its cursor) is closed as it goes out of scope
+        index += 1
+    return picked
+
+
+# ---- document and summary --------------------------------------------------------------------
+def _e(text: object) -> str:
+    """``text`` safe inside HTML text and attributes: control characters shown, markup escaped."""
+    return html.escape(printable(str(text)), quote=True)
+
+
+def _document(header: Mapping[str, Any], thumb_px: int, body: str) -> str:
+    title = f"Upscale report: {header['job']}"
+    meta = (f"Model <b>{_e(header['model'])}</b> (<code>{_e(header['model_id'])}</code>) via "
+            f"{_e(header['backend'])}; last run {_e(header['started_at'] or '—')} → "
+            f"{_e(header['finished_at'] or '—')} (UTC), {_e(header['runs'])} run(s) in all.")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_e(title)}</title><style>{_css(thumb_px)}</style></head>\n"
+            f"<body><main><h1>{_e(title)}</h1><p class=\"meta\">{meta}</p>\n{body}"
+            f'<footer>Written from the checkpoint by batch-upscaler. Every item is in '
+            f'<a href="items.csv">items.csv</a> and <a href="report.json">report.json</a>.</footer>'
+            f"</main></body></html>\n")
+
+
+def _css(px: int) -> str:
+    return (
+        ":root{color-scheme:light;--ok:#2f8a57;--bad:#c43d33;--skip:#b7791f;--ink:#1d2330;--mute:#667085;"
+        "--line:#e3e6eb}"
+        "body{margin:0;background:#f6f7f9;color:var(--ink);font:14px/1.45 system-ui,-apple-system,"
+        "'Segoe UI',Roboto,sans-serif}"
+        "main{max-width:1180px;margin:0 auto;padding:24px 28px 40px}"
+        "h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:32px 0 10px}"
+        "h2 small,.muted,.meta,figcaption,footer{color:var(--mute);font-weight:normal}"
+        "code{font:12.5px ui-monospace,SFMono-Regular,Menlo,monospace}"
+        "section{background:#fff;border:1px solid var(--line);border-radius:10px;padding:4px 18px 16px;"
+        "margin-top:18px}"
+        ".cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px;margin-top:18px}"
+        ".card{background:#fff;border:1px solid var(--line);border-radius:10px;padding:10px 14px}"
+        ".card b{display:block;font-size:22px;font-variant-numeric:tabular-nums}.card span{color:var(--mute)}"
+        ".card.ok b{color:var(--ok)}.card.bad b{color:var(--bad)}.card.skip b{color:var(--skip)}"
+        "svg{display:block;width:100%;height:auto}svg text{font-size:12px;fill:var(--mute)}"
+        ".grid{stroke:var(--line)}.ok{fill:var(--ok)}.bad{fill:var(--bad)}.bar{fill:#4a6fa5}"
+        ".median{stroke:var(--ink);stroke-dasharray:4 3}"
+        "details{border-top:1px solid var(--line);padding:6px 0}summary{cursor:pointer;font-weight:600}"
+        "summary .n{color:var(--mute);font-weight:normal}"
+        ".files{margin:6px 0 0;padding:0 0 0 18px;max-height:260px;overflow:auto}"
+        ".files li{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}"
+        ".files .m{color:var(--mute);margin-left:8px}.more{color:var(--mute);margin:4px 0 0 18px}"
+        ".pairs{display:grid;grid-template-columns:repeat(auto-fill,minmax("
+        f"{2 * px + 34}px,1fr));gap:16px}}"
+        "figure{margin:0;min-width:0}.imgs{display:flex;gap:8px}"
+        f".box{{position:relative;width:{px}px;height:{px}px;flex:none;display:flex;align-items:center;"
+        "justify-content:center;background:#eceef2;border-radius:6px;overflow:hidden}"
+        ".box img{width:100%;height:100%;object-fit:contain}"
+        ".box .tag{position:absolute;left:4px;top:4px;font-size:11px;background:rgba(0,0,0,.55);color:#fff;"
+        "padding:0 5px;border-radius:4px}"
+        ".ph{color:var(--mute);font-size:12px}"
+        "figcaption{font-size:12px;margin-top:4px;overflow:hidden}"
+        "figcaption .f{display:block;color:var(--ink);white-space:nowrap;overflow:hidden;text-overflow:ellipsis}"
+        "footer{margin-top:28px;font-size:12px}"
+    )
+
+
+def _summary_section(header: Mapping[str, Any], runs: list[dict[str, Any]]) -> str:
+    totals = header["totals"]
+    rate = header.get("rate") or {}
+    final = f"{rate['final_rpm']:g}/min" if rate.get("final_rpm") else "—"
+    cards = [
+        ("ok", totals["succeeded"], "done"), ("bad", totals["failed"], "failed"),
+        ("skip", totals["skipped"], "skipped"), ("", totals["pending"] + totals["in_progress"], "pending"),
+        ("", header["requests"], "requests"), ("", header["throttled_attempts"], "throttled"),
+        ("", header["requests_saved_by_dedup"], "saved by dedup"),
+        ("", f"${header['estimated_cost_usd']:.2f}", "estimated cost (estimate)"),
+        ("", _run_time(runs), "run time"),
+        ("", final + (f" ({rate['mode']})" if rate.get("mode") else ""), "final rate"),
+    ]
+    items = "".join(f'<div class="card {kind}"><b>{_e(value)}</b><span>{_e(label)}</span></div>'
+                    for kind, value, label in cards)
+    return f'<div class="cards" id="summary">{items}</div>\n'
+
+
+def _run_time(runs: Iterable[Mapping[str, Any]]) -> str:
+    finished = [r for r in runs if r.get("finished_at") is not None]
+    unfinished = sum(1 for r in runs if r.get("finished_at") is None)
+    if not finished:
+        return "—"
+    total = sum(r["finished_at"] - r["started_at"] for r in finished)
+    note = f" ({len(finished)} runs)" if len(finished) > 1 else ""
+    return _duration(total) + note + (f", {unfinished} unfinished" if unfinished else "")
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+# ---- charts ----------------------------------------------------------------------------------
+_W, _H, _L, _R, _T, _B = 960, 230, 52, 14, 12, 32
+
+
+def _nice_ceiling(value: float) -> float:
+    if value <= 0:
+        return 1.0
+    scale = 10.0 ** math.floor(math.log10(value))
+    return next(m * scale for m in (1, 2, 2.5, 5, 10) if value <= m * scale * (1 + 1e-9))
+
+
+def _num(value: float) -> str:
+    return f"{round(value, 6):g}"
+
+
+def _svg(label: str, parts: Iterable[str]) -> str:
+    return f'<svg viewBox="0 0 {_W} {_H}" role="img" aria-label="{_e(label)}">{"".join(parts)}</svg>'
+
+
+def _y_axis(top: float, unit: str) -> Iterable[str]:
+    height = _H - _T - _B
+    for frac in (0.0, 0.5, 1.0):
+        y = _T + height * (1 - frac)
+        yield f'<line class="grid" x1="{_L}" y1="{y:.1f}" x2="{_W - _R}" y2="{y:.1f}"/>'
+        yield f'<text x="{_L - 6}" y="{y + 4:.1f}" text-anchor="end">{_num(top * frac)}{unit}</text>'
+
+
+def _bar(x: float, y: float, w: float, h: float, cls: str, tip: str) -> str:
+    return (f'<rect class="{cls}" x="{x:.1f}" y="{y:.1f}" width="{max(w, 0.5):.1f}" height="{h:.1f}">'
+            f"<title>{_e(tip)}</title></rect>")
+
+
+def _bin_minutes(span: int) -> int:
+    return next((w for w in _NICE_MINUTES if span / w <= _MAX_BARS), math.ceil(span / _MAX_BARS))
+
+
+def _throughput_section(agg: _Aggregates) -> str:
+    minutes = agg.done_per_minute.keys() | agg.failed_per_minute.keys()
+    intro = '<section id="throughput"><h2>Throughput <small>items finished per minute (UTC)</small></h2>'
+    if not minutes:
+        return intro + '<p class="muted">No item has been sent and finished yet.</p></section>\n'
+    first, last = min(minutes), max(minutes)
+    width = _bin_minutes(last - first + 1)
+    bins = (last - first) // width + 1
+    ok, bad = [0] * bins, [0] * bins
+    for counter, series in ((agg.done_per_minute, ok), (agg.failed_per_minute, bad)):
+        for minute, n in counter.items():
+            series[(minute - first) // width] += n
+    total = sum(ok) + sum(bad)
+    peak = max(o + b for o, b in zip(ok, bad, strict=True)) / width
+    note = (f"{total} finished ({sum(bad)} failed) in bins of {width} min; peak {_num(round(peak, 1))}/min, "
+            f"mean {_num(round(total / len(minutes), 1))}/min over the {len(minutes)} active minute(s).")
+    chart = _svg("items finished per minute", _throughput_parts(first, width, ok, bad))
+    return f'{intro}{chart}<p class="muted">{_e(note)}</p></section>\n'
+
+
+def _throughput_parts(first: int, width: int, ok: list[int], bad: list[int]) -> Iterable[str]:
+    top = _nice_ceiling(max(o + b for o, b in zip(ok, bad, strict=True)) / width)
+    height, slot = _H - _T - _B, (_W - _L - _R) / len(ok)
+    yield from _y_axis(top, "")
+    for i, (good, failed) in enumerate(zip(ok, bad, strict=True)):
+        start = (first + i * width) * 60
+        x, h_ok, h_bad = _L + i * slot, height * good / width / top, height * failed / width / top
+        when = _clock(start, width * 60)
+        if good:
+            yield _bar(x, _T + height - h_ok, slot * 0.88, h_ok, "ok", f"{when}: {good} done")
+        if failed:
+            yield _bar(x, _T + height - h_ok - h_bad, slot * 0.88, h_bad, "bad", f"{when}: {failed} failed")
+    long_span = len(ok) * width >= 24 * 60
+    for j in range(6):
+        i = round(j * len(ok) / 5)
+        label = _timestamp((first + i * width) * 60, long_span)
+        anchor = "start" if j == 0 else "end" if j == 5 else "middle"
+        yield f'<text x="{_L + i * slot:.1f}" y="{_H - 10}" text-anchor="{anchor}">{label}</text>'
+
+
+def _timestamp(ts: float, with_date: bool) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%m-%d %H:%M" if with_date else "%H:%M")
+
+
+def _clock(start: float, seconds: int) -> str:
+    return f"{_timestamp(start, True)}–{_timestamp(start + seconds, False)}"
+
+
+def _histogram_section(agg: _Aggregates) -> str:
+    intro = ('<section id="scale"><h2>Scale factors <small>output width ÷ input width, '
+             'succeeded items</small></h2>')
+    if not agg.factors:
+        return intro + '<p class="muted">No succeeded item with known sizes.</p></section>\n'
+    values = sorted(agg.factors.elements())  # one float per succeeded item
+    median = statistics.median(values)
+    note = (f"min {_num(values[0])}×, median {_num(round(median, 3))}×, "
+            f"mean {_num(round(sum(values) / len(values), 3))}×, max {_num(values[-1])}× "
+            f"over {len(values)} image(s).")
+    chart = _svg("histogram of scale factors", _histogram_parts(agg.factors, median))
+    return f'{intro}{chart}<p class="muted">{_e(note)}</p></section>\n'
+
+
+def _histogram_parts(factors: Counter[float], median: float) -> Iterable[str]:
+    lo, hi = min(factors), max(factors)
+    step = _nice_ceiling(max(hi - lo, 1e-3) / 20)
+    lo = math.floor(lo / step + 1e-9) * step
+    bins = int((hi - lo) / step + 1e-9) + 1
+    counts = [0] * bins
+    for value, n in factors.items():
+        counts[min(bins - 1, int((value - lo) / step + 1e-9))] += n
+    top = _nice_ceiling(max(counts))
+    height, slot = _H - _T - _B, (_W - _L - _R) / bins
+    yield from _y_axis(top, "")
+    for i, n in enumerate(counts):
+        if n:
+            h = height * n / top
+            edge = f"{_num(lo + i * step)}×–{_num(lo + (i + 1) * step)}×"
+            yield _bar(_L + i * slot + 1, _T + height - h, slot - 2, h, "bar", f"{edge}: {n} image(s)")
+    every = max(1, math.ceil(bins / 10))
+    for i in range(0, bins + 1, every):
+        yield f'<text x="{_L + i * slot:.1f}" y="{_H - 10}" text-anchor="middle">{_num(lo + i * step)}×</text>'
+    x = _L + (median - lo) / step * slot
+    yield f'<line class="median" x1="{x:.1f}" y1="{_T}" x2="{x:.1f}" y2="{_T + height}"/>'
+    yield f'<text x="{x + 4:.1f}" y="{_T + 12}">median {_num(round(median, 3))}×</text>'
+
+
+# ---- failure and skip lists ------------------------------------------------------------------
+def _groups_section(title: str, state: str, groups: Mapping[str, _Group]) -> str:
+    if not groups:
+        return ""
+    total = sum(g.count for g in groups.values())
+    parts = [f'<section id="{state}"><h2>{_e(title)} <small>{total} item(s)</small></h2>']
+    for reason, group in sorted(groups.items(), key=lambda kv: (-kv[1].count, kv[0])):
+        rows = "".join(f'<li title="{_e(name)}">{_e(name)}<span class="m">{_e(message)}</span></li>'
+                       for name, message in group.rows)
+        more = group.count - len(group.rows)
+        tail = (f'<p class="more">… and {more} more (see <a href="items.csv">items.csv</a>)</p>'
+                if more > 0 else "")
+        parts.append(f'<details open class="reason"><summary><code>{_e(reason)}</code> '
+                     f'<span class="n">{group.count}</span></summary><ul class="files">{rows}</ul>{tail}</details>')
+    parts.append("</section>\n")
+    return "".join(parts)
+
+
+# ---- thumbnails ------------------------------------------------------------------------------
+def _thumbs_section(samples: list[dict[str, Any]], succeeded: int, settings: JobSettings, names: _Names,
+                    px: int) -> str:
+    if not samples:
+        return ""
+    figures = "".join(_pair(row, settings, names, px) for row in samples)
+    note = f"{len(samples)} of {succeeded} succeeded, evenly spaced; click an output to open it"
+    return (f'<section id="samples"><h2>Before / after <small>{_e(note)}</small></h2>'
+            f'<div class="pairs">{figures}</div></section>\n')
+
+
+def _pair(row: Mapping[str, Any], settings: JobSettings, names: _Names, px: int) -> str:
+    name = names.display(row)
+    source = names.source_path(row)
+    output = settings.output_dir / row["output_path"] if row["output_path"] else None
+    before = _box(source, px, "before", name)
+    after = _box(output, px, "after", name)
+    if output is not None and output.is_file():
+        href = urllib.parse.quote(Path(os.path.relpath(output, settings.report_dir)).as_posix(), safe="/")
+        after = f'<a href="{html.escape(href, quote=True)}" title="open the full output">{after}</a>'
+    sizes = f"{row['width']}×{row['height']} → {row['output_width']}×{row['output_height']}"
+    if row["width"] and row["output_width"]:
+        sizes += f" · {_num(round(row['output_width'] / row['width'], 2))}×"
+    return (f'<figure class="pair"><div class="imgs">{before}{after}</div><figcaption>'
+            f'<span class="f" title="{_e(name)}">{_e(name)}</span>{_e(sizes)}</figcaption></figure>')
+
+
+def _box(path: Path | None, px: int, tag: str, name: str) -> str:
+    if path is None or not path.is_file():
+        inner = f'<span class="ph">{tag}: file missing</span>'
+    else:
+        uri = _thumbnail(path, px)
+        inner = (f'<img src="{uri}" alt="{tag}: {_e(name)}">' if uri
+                 else f'<span class="ph">{tag}: unreadable</span>')
+    return f'<div class="box"><span class="tag">{tag}</span>{inner}</div>'
+
+
+def _thumbnail(path: Path, px: int) -> str | None:
+    """A JPEG data URI of ``path`` fitting ``px``×``px``, or None when it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            orientation = im.getexif().get(0x0112)
+            if im.format == "JPEG":
+                im.draft("RGB", (px, px))  # DCT scaling: decode at 1/2..1/8 size
+            im.thumbnail((px, px))
+            small = _to_rgb(im)
+        small = small.transpose(_ORIENTATION[orientation]) if orientation in _ORIENTATION else small
+        out = io.BytesIO()
+        small.save(out, "JPEG", quality=THUMB_QUALITY, optimize=True)
+    except Exception:  # any broken, truncated or exotic file: a placeholder, never an exception
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return im.point(lambda v: v / 256).convert("L").convert("RGB")  # 16-bit: scale, don't clip
+    return im.convert("RGB")
