@@ -20,11 +20,12 @@ import yaml
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from batch_upscaler import __version__
+from batch_upscaler.catalogue import ModelName
 from batch_upscaler.checkpoint import Checkpoint
 from batch_upscaler.errors import ExitCode, UpscalerError, UsageError
 from batch_upscaler.logformat import JsonFormatter, text_formatter
-from batch_upscaler.manifest import load_settings
-from batch_upscaler.settings import JobSettings, RunOptions
+from batch_upscaler.manifest import default_settings, load_settings
+from batch_upscaler.settings import Backend, JobSettings, RunOptions
 
 log = logging.getLogger("batch_upscaler")
 DEFAULT_CONFIG = Path("config/batch-upscaler.yaml")
@@ -70,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("report", "rewrite the report from the checkpoint"),
                        ("status", "counts per state from the checkpoint")):
         _job_args(sub.add_parser(name, help=text))
+    doctor = sub.add_parser("doctor", help="check the AWS set-up: credentials, region, inference profile, "
+                            "model access (sends no upscale request, pays nothing)")
+    doctor.add_argument("manifest", type=Path, nargs="?", help="check for this job's model and region")
+    doctor.add_argument("--config", type=Path)
+    doctor.add_argument("--region", help="default: the manifest's, else us-east-1")
+    doctor.add_argument("--profile", help="AWS named profile")
+    doctor.add_argument("--model", choices=[m.value for m in ModelName], default="conservative",
+                        help="without a manifest: which model to check")
+    doctor.add_argument("--endpoint-url", help="bedrock-runtime endpoint (e.g. the emulator)")
+    doctor.add_argument("--control-endpoint-url", help="endpoint for STS and the bedrock control plane")
+    doctor.add_argument("-v", "--verbose", action="store_true")
+    doctor.add_argument("-q", "--quiet", action="store_true")
     emu = sub.add_parser("emulator", help="run the Bedrock-compatible emulator alone")
     emu.add_argument("--host", default="127.0.0.1")
     emu.add_argument("--port", type=int, default=8123)
@@ -222,6 +235,23 @@ def _existing_checkpoint(settings: JobSettings) -> Checkpoint:
     return Checkpoint.open(settings.checkpoint_path, settings.name)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from batch_upscaler.doctor import exit_code, options_from_settings, render, run_checks
+
+    flags = {k: v for k, v in (("region", args.region), ("profile", args.profile),
+                               ("endpoint_url", args.endpoint_url)) if v is not None}
+    if args.manifest is not None:
+        settings = load_settings(args.manifest, config_path(args.config), {"bedrock": flags} if flags else {})
+    else:
+        settings = default_settings(args.model, config_path(args.config), flags)
+    if settings.backend is Backend.EMULATOR:
+        print(f"note: {args.manifest} uses the embedded emulator and needs no AWS; "
+              "these checks are for backend: bedrock")
+    results = run_checks(options_from_settings(settings, control_endpoint_url=args.control_endpoint_url))
+    print(render(results))
+    return exit_code(results)
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from batch_upscaler.emulator import EmulatorConfig, run_forever
 
@@ -239,7 +269,8 @@ def configure_logging(verbose: bool, quiet: bool, log_format: str = "text", job:
     log.propagate = False
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "status": cmd_status, "emulator": cmd_emulator}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "status": cmd_status, "doctor": cmd_doctor,
+            "emulator": cmd_emulator}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

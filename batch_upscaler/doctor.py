@@ -106,6 +106,15 @@ def options_from_settings(settings: JobSettings, *, control_endpoint_url: str | 
     )
 
 
+def _guarded(name: str, step: Callable[[], CheckResult]) -> CheckResult:
+    """A check that breaks in an unforeseen way (an endpoint that is not AWS, say) is a FAIL, not a crash."""
+    try:
+        return step()
+    except Exception as exc:  # botocore's ResponseParserError, for one, is no BotoCoreError
+        return CheckResult(name, Status.FAIL, f"{type(exc).__name__}: {exc}",
+                           "check the endpoint URL and the network; rerun with -v for details")
+
+
 def run_checks(options: DoctorOptions, session: boto3.session.Session | None = None) -> list[CheckResult]:
     """Every check, in order; a check whose prerequisite did not pass is skipped with the reason."""
     opened = _open_session(options, session)
@@ -119,7 +128,7 @@ def run_checks(options: DoctorOptions, session: boto3.session.Session | None = N
     done: dict[str, CheckResult] = {}
     for name, step in steps:
         blocker = _blocker(name, done)
-        done[name] = CheckResult(name, Status.SKIP, blocker) if blocker else step()
+        done[name] = CheckResult(name, Status.SKIP, blocker) if blocker else _guarded(name, step)
     scrub = _scrubber(opened)
     return [CheckResult(r.name, r.status, scrub(r.detail), scrub(r.fix) if r.fix else None) for r in done.values()]
 
@@ -220,8 +229,9 @@ def check_model_access(session: boto3.session.Session, options: DoctorOptions) -
     except ClientError as exc:
         return _invoke_error(exc, options)
     except (BotoCoreError, ValueError) as exc:
+        where = "the bedrock-runtime endpoint (bedrock.endpoint_url / --endpoint-url)"
         return CheckResult(ACCESS, Status.FAIL, f"InvokeModel could not be sent ({_describe(exc)})",
-                           fix=_network_fix(exc, "the bedrock-runtime endpoint (bedrock.endpoint_url / --endpoint-url)"))
+                           fix=_network_fix(exc, where))
     response["body"].close()
     return CheckResult(ACCESS, Status.WARN, f"InvokeModel on {options.model_id} accepted an empty body: access "
                        "works, but this endpoint does not validate requests the way Bedrock does")
@@ -260,7 +270,8 @@ def _invoke_validation(seen: str, options: DoctorOptions) -> CheckResult:
         return CheckResult(ACCESS, Status.OK, f"InvokeModel on {options.model_id} was authorised and its empty test "
                            f"body was rejected by validation ({seen}); {_NOT_BILLED}")
     return CheckResult(ACCESS, Status.WARN, f"{seen}: not the expected rejection of an empty body, so access "
-                       f"is not confirmed; {_NOT_BILLED}", fix=f"check the model id (expected {options.suggested_model_id})")
+                       f"is not confirmed; {_NOT_BILLED}",
+                       fix=f"check the model id (expected {options.suggested_model_id})")
 
 
 # --- fixes --------------------------------------------------------------------------------------

@@ -34,7 +34,9 @@ GROUP_LIST_LIMIT = 200  # files listed per failure/skip reason; the rest are cou
 THUMB_QUALITY = 70
 _MESSAGE_CHARS = 160
 _MAX_BARS = 180
-_NICE_MINUTES = (1, 2, 5, 10, 15, 30, 60, 120, 180, 360, 720, 1440)
+_SLOT_S = 10  # finish times are counted per 10-second slot; bins are whole slots
+_NICE_TICKS_S = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+_NICE_SLOTS = (1, 2, 3, 6, 12, 30, 60, 90, 180, 360, 720, 1080, 2160, 4320, 8640)
 _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
@@ -51,10 +53,10 @@ class _Group:
 
 @dataclass
 class _Aggregates:
-    """What one streamed pass over the items collects (all bounded or per-minute)."""
+    """What one streamed pass over the items collects (bounded: per reason, per 10-s slot, per factor)."""
 
-    done_per_minute: Counter[int] = field(default_factory=Counter)
-    failed_per_minute: Counter[int] = field(default_factory=Counter)
+    done_per_slot: Counter[int] = field(default_factory=Counter)  # 10-second slot -> items finished
+    failed_per_slot: Counter[int] = field(default_factory=Counter)
     factors: Counter[float] = field(default_factory=Counter)
     failures: dict[str, _Group] = field(default_factory=dict)
     skips: dict[str, _Group] = field(default_factory=dict)
@@ -107,8 +109,8 @@ def _aggregate(checkpoint: Checkpoint, names: _Names) -> _Aggregates:
     for row in checkpoint.items():
         state = row["state"]
         if row["finished_at"] is not None and state in (ItemState.SUCCEEDED, ItemState.FAILED):
-            per_minute = agg.done_per_minute if state == ItemState.SUCCEEDED else agg.failed_per_minute
-            per_minute[int(row["finished_at"] // 60)] += 1
+            per_slot = agg.done_per_slot if state == ItemState.SUCCEEDED else agg.failed_per_slot
+            per_slot[int(row["finished_at"] // _SLOT_S)] += 1
         if state == ItemState.SUCCEEDED:
             agg.succeeded += 1
             if row["width"] and row["output_width"]:
@@ -155,8 +157,8 @@ def _e(text: object) -> str:
 def _document(header: Mapping[str, Any], thumb_px: int, body: str) -> str:
     title = f"Upscale report: {header['job']}"
     meta = (f"Model <b>{_e(header['model'])}</b> (<code>{_e(header['model_id'])}</code>) via "
-            f"{_e(header['backend'])}; last run {_e(header['started_at'] or '—')} → "
-            f"{_e(header['finished_at'] or '—')} (UTC), {_e(header['runs'])} run(s) in all.")
+            f"{_e(header['backend'])}; last run {_e(_when(header['started_at']))} → "
+            f"{_e(_when(header['finished_at']))} UTC, {_e(header['runs'])} run(s) in all.")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -174,25 +176,27 @@ def _css(px: int) -> str:
         "body{margin:0;background:#f6f7f9;color:var(--ink);font:14px/1.45 system-ui,-apple-system,"
         "'Segoe UI',Roboto,sans-serif}"
         "main{max-width:1180px;margin:0 auto;padding:24px 28px 40px}"
-        "h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:32px 0 10px}"
+        "h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:14px 0 10px}"
         "h2 small,.muted,.meta,figcaption,footer{color:var(--mute);font-weight:normal}"
         "code{font:12.5px ui-monospace,SFMono-Regular,Menlo,monospace}"
         "section{background:#fff;border:1px solid var(--line);border-radius:10px;padding:4px 18px 16px;"
         "margin-top:18px}"
-        ".cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px;margin-top:18px}"
+        ".cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(200px,1fr));gap:10px;margin-top:18px}"
         ".card{background:#fff;border:1px solid var(--line);border-radius:10px;padding:10px 14px}"
-        ".card b{display:block;font-size:22px;font-variant-numeric:tabular-nums}.card span{color:var(--mute)}"
+        ".card b{display:block;font-size:20px;white-space:nowrap;font-variant-numeric:tabular-nums}"
+        ".card span{color:var(--mute)}"
         ".card.ok b{color:var(--ok)}.card.bad b{color:var(--bad)}.card.skip b{color:var(--skip)}"
         "svg{display:block;width:100%;height:auto}svg text{font-size:12px;fill:var(--mute)}"
         ".grid{stroke:var(--line)}.ok{fill:var(--ok)}.bad{fill:var(--bad)}.bar{fill:#4a6fa5}"
         ".median{stroke:var(--ink);stroke-dasharray:4 3}"
         "details{border-top:1px solid var(--line);padding:6px 0}summary{cursor:pointer;font-weight:600}"
         "summary .n{color:var(--mute);font-weight:normal}"
-        ".files{margin:6px 0 0;padding:0 0 0 18px;max-height:260px;overflow:auto}"
+        ".files{list-style:none;margin:6px 0 0 18px;padding:4px 10px;max-height:260px;overflow:auto;"
+        "border:1px solid var(--line);border-radius:6px;background:#fbfbfc}"
         ".files li{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}"
         ".files .m{color:var(--mute);margin-left:8px}.more{color:var(--mute);margin:4px 0 0 18px}"
-        ".pairs{display:grid;grid-template-columns:repeat(auto-fill,minmax("
-        f"{2 * px + 34}px,1fr));gap:16px}}"
+        f".pairs{{display:grid;grid-template-columns:repeat(auto-fill,{2 * px + 8}px);gap:18px 28px;"
+        "justify-content:space-between}"
         "figure{margin:0;min-width:0}.imgs{display:flex;gap:8px}"
         f".box{{position:relative;width:{px}px;height:{px}px;flex:none;display:flex;align-items:center;"
         "justify-content:center;background:#eceef2;border-radius:6px;overflow:hidden}"
@@ -215,23 +219,30 @@ def _summary_section(header: Mapping[str, Any], runs: list[dict[str, Any]]) -> s
         ("skip", totals["skipped"], "skipped"), ("", totals["pending"] + totals["in_progress"], "pending"),
         ("", header["requests"], "requests"), ("", header["throttled_attempts"], "throttled"),
         ("", header["requests_saved_by_dedup"], "saved by dedup"),
-        ("", f"${header['estimated_cost_usd']:.2f}", "estimated cost (estimate)"),
-        ("", _run_time(runs), "run time"),
-        ("", final + (f" ({rate['mode']})" if rate.get("mode") else ""), "final rate"),
+        ("", f"${header['estimated_cost_usd']:.2f}", "cost (estimate)"),
+        ("", *_run_time(runs)),
+        ("", final, f"final rate ({rate['mode']})" if rate.get("mode") else "final rate"),
     ]
-    items = "".join(f'<div class="card {kind}"><b>{_e(value)}</b><span>{_e(label)}</span></div>'
+    items = "".join(f'<div class="card{" " + kind if kind else ""}"><b>{_e(value)}</b><span>{_e(label)}</span></div>'
                     for kind, value, label in cards)
     return f'<div class="cards" id="summary">{items}</div>\n'
 
 
-def _run_time(runs: Iterable[Mapping[str, Any]]) -> str:
+def _run_time(runs: Iterable[Mapping[str, Any]]) -> tuple[str, str]:
+    """The summed duration of the finished runs, and the card's label."""
+    runs = list(runs)
     finished = [r for r in runs if r.get("finished_at") is not None]
-    unfinished = sum(1 for r in runs if r.get("finished_at") is None)
     if not finished:
-        return "—"
+        return "—", "run time"
     total = sum(r["finished_at"] - r["started_at"] for r in finished)
-    note = f" ({len(finished)} runs)" if len(finished) > 1 else ""
-    return _duration(total) + note + (f", {unfinished} unfinished" if unfinished else "")
+    unfinished = len(runs) - len(finished)
+    label = "run time" + (f", {len(finished)} runs" if len(finished) > 1 else "")
+    return _duration(total), label + (f" (+{unfinished} unfinished)" if unfinished else "")
+
+
+def _when(iso: str | None) -> str:
+    """An ISO timestamp from the header as ``2026-01-01 07:15:12`` (UTC)."""
+    return "—" if not iso else iso.replace("T", " ").removesuffix("+00:00")
 
 
 def _duration(seconds: float) -> str:
@@ -239,19 +250,23 @@ def _duration(seconds: float) -> str:
     if s < 60:
         return f"{s} s"
     if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
+        return f"{s // 60} min" + (f" {s % 60:02d} s" if s % 60 else "")
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 # ---- charts ----------------------------------------------------------------------------------
-_W, _H, _L, _R, _T, _B = 960, 230, 52, 14, 12, 32
+_W, _H, _L, _R, _T, _B = 960, 240, 52, 14, 22, 32
 
 
-def _nice_ceiling(value: float) -> float:
+def _nice_ceiling(value: float, *, whole: bool = False) -> float:
+    """A round axis top at or above ``value``; ``whole`` keeps its half a whole number too."""
+    if whole and value <= 2:
+        return 2.0
     if value <= 0:
         return 1.0
     scale = 10.0 ** math.floor(math.log10(value))
-    return next(m * scale for m in (1, 2, 2.5, 5, 10) if value <= m * scale * (1 + 1e-9))
+    steps = (1, 2, 4, 10) if whole else (1, 2, 2.5, 5, 10)
+    return next(m * scale for m in steps if value <= m * scale * (1 + 1e-9))
 
 
 def _num(value: float) -> str:
@@ -262,12 +277,12 @@ def _svg(label: str, parts: Iterable[str]) -> str:
     return f'<svg viewBox="0 0 {_W} {_H}" role="img" aria-label="{_e(label)}">{"".join(parts)}</svg>'
 
 
-def _y_axis(top: float, unit: str) -> Iterable[str]:
+def _y_axis(top: float) -> Iterable[str]:
     height = _H - _T - _B
     for frac in (0.0, 0.5, 1.0):
         y = _T + height * (1 - frac)
         yield f'<line class="grid" x1="{_L}" y1="{y:.1f}" x2="{_W - _R}" y2="{y:.1f}"/>'
-        yield f'<text x="{_L - 6}" y="{y + 4:.1f}" text-anchor="end">{_num(top * frac)}{unit}</text>'
+        yield f'<text x="{_L - 6}" y="{y + 4:.1f}" text-anchor="end">{_num(top * frac)}</text>'
 
 
 def _bar(x: float, y: float, w: float, h: float, cls: str, tip: str) -> str:
@@ -275,56 +290,63 @@ def _bar(x: float, y: float, w: float, h: float, cls: str, tip: str) -> str:
             f"<title>{_e(tip)}</title></rect>")
 
 
-def _bin_minutes(span: int) -> int:
-    return next((w for w in _NICE_MINUTES if span / w <= _MAX_BARS), math.ceil(span / _MAX_BARS))
+def _bin_slots(span: int) -> int:
+    """The bin width, in 10-second slots, giving at most ``_MAX_BARS`` bars over ``span`` slots."""
+    return next((w for w in _NICE_SLOTS if span / w <= _MAX_BARS), math.ceil(span / _MAX_BARS))
 
 
 def _throughput_section(agg: _Aggregates) -> str:
-    minutes = agg.done_per_minute.keys() | agg.failed_per_minute.keys()
+    slots = agg.done_per_slot.keys() | agg.failed_per_slot.keys()
     intro = '<section id="throughput"><h2>Throughput <small>items finished per minute (UTC)</small></h2>'
-    if not minutes:
+    if not slots:
         return intro + '<p class="muted">No item has been sent and finished yet.</p></section>\n'
-    first, last = min(minutes), max(minutes)
-    width = _bin_minutes(last - first + 1)
+    first, last = min(slots), max(slots)
+    width = _bin_slots(last - first + 1)
     bins = (last - first) // width + 1
     ok, bad = [0] * bins, [0] * bins
-    for counter, series in ((agg.done_per_minute, ok), (agg.failed_per_minute, bad)):
-        for minute, n in counter.items():
-            series[(minute - first) // width] += n
-    total = sum(ok) + sum(bad)
-    peak = max(o + b for o, b in zip(ok, bad, strict=True)) / width
-    note = (f"{total} finished ({sum(bad)} failed) in bins of {width} min; peak {_num(round(peak, 1))}/min, "
-            f"mean {_num(round(total / len(minutes), 1))}/min over the {len(minutes)} active minute(s).")
+    for counter, series in ((agg.done_per_slot, ok), (agg.failed_per_slot, bad)):
+        for slot, n in counter.items():
+            series[(slot - first) // width] += n
+    total, minutes = sum(ok) + sum(bad), len({slot // 6 for slot in slots})
+    peak = max(o + b for o, b in zip(ok, bad, strict=True)) * 60 / (width * _SLOT_S)
+    note = (f"{total} finished ({sum(bad)} failed) in bins of {_duration(width * _SLOT_S)}; "
+            f"peak {_num(round(peak, 1))}/min, mean {_num(round(total / minutes, 1))}/min over the "
+            f"{minutes} minute(s) in which items finished.")
     chart = _svg("items finished per minute", _throughput_parts(first, width, ok, bad))
     return f'{intro}{chart}<p class="muted">{_e(note)}</p></section>\n'
 
 
 def _throughput_parts(first: int, width: int, ok: list[int], bad: list[int]) -> Iterable[str]:
-    top = _nice_ceiling(max(o + b for o, b in zip(ok, bad, strict=True)) / width)
-    height, slot = _H - _T - _B, (_W - _L - _R) / len(ok)
-    yield from _y_axis(top, "")
+    per_minute = 60 / (width * _SLOT_S)  # count in a bin -> items per minute
+    top = _nice_ceiling(max(o + b for o, b in zip(ok, bad, strict=True)) * per_minute)
+    height, slot = _H - _T - _B, (_W - _L - _R) / max(len(ok), 12)
+    yield from _y_axis(top)
     for i, (good, failed) in enumerate(zip(ok, bad, strict=True)):
-        start = (first + i * width) * 60
-        x, h_ok, h_bad = _L + i * slot, height * good / width / top, height * failed / width / top
-        when = _clock(start, width * 60)
+        start = (first + i * width) * _SLOT_S
+        x, h_ok, h_bad = _L + i * slot, height * good * per_minute / top, height * failed * per_minute / top
+        when = _clock(start, width * _SLOT_S)
         if good:
             yield _bar(x, _T + height - h_ok, slot * 0.88, h_ok, "ok", f"{when}: {good} done")
         if failed:
             yield _bar(x, _T + height - h_ok - h_bad, slot * 0.88, h_bad, "bad", f"{when}: {failed} failed")
-    long_span = len(ok) * width >= 24 * 60
-    for j in range(6):
-        i = round(j * len(ok) / 5)
-        label = _timestamp((first + i * width) * 60, long_span)
-        anchor = "start" if j == 0 else "end" if j == 5 else "middle"
-        yield f'<text x="{_L + i * slot:.1f}" y="{_H - 10}" text-anchor="{anchor}">{label}</text>'
+    yield from _time_ticks(first * _SLOT_S, len(ok) * width * _SLOT_S, slot / (width * _SLOT_S))
 
 
-def _timestamp(ts: float, with_date: bool) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%m-%d %H:%M" if with_date else "%H:%M")
+def _time_ticks(start: int, span: int, px_per_s: float) -> Iterable[str]:
+    """Labels at round times (every 1 min ... 1 day), at most about seven of them."""
+    step = next((s for s in _NICE_TICKS_S if span / s <= 7), 86400 * math.ceil(span / 86400 / 7))
+    fmt = "%m-%d %H:%M" if span >= 86400 else "%H:%M" if step >= 60 else "%H:%M:%S"
+    for tick in range(-(-start // step) * step, start + span + 1, step):
+        yield (f'<text x="{_L + (tick - start) * px_per_s:.1f}" y="{_H - 10}" text-anchor="middle">'
+               f"{_timestamp(tick, fmt)}</text>")
+
+
+def _timestamp(ts: float, fmt: str) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime(fmt)
 
 
 def _clock(start: float, seconds: int) -> str:
-    return f"{_timestamp(start, True)}–{_timestamp(start + seconds, False)}"
+    return f"{_timestamp(start, '%Y-%m-%d %H:%M:%S')}–{_timestamp(start + seconds, '%H:%M:%S')}"
 
 
 def _histogram_section(agg: _Aggregates) -> str:
@@ -349,9 +371,9 @@ def _histogram_parts(factors: Counter[float], median: float) -> Iterable[str]:
     counts = [0] * bins
     for value, n in factors.items():
         counts[min(bins - 1, int((value - lo) / step + 1e-9))] += n
-    top = _nice_ceiling(max(counts))
+    top = _nice_ceiling(max(counts), whole=True)
     height, slot = _H - _T - _B, (_W - _L - _R) / bins
-    yield from _y_axis(top, "")
+    yield from _y_axis(top)
     for i, n in enumerate(counts):
         if n:
             h = height * n / top
@@ -362,7 +384,7 @@ def _histogram_parts(factors: Counter[float], median: float) -> Iterable[str]:
         yield f'<text x="{_L + i * slot:.1f}" y="{_H - 10}" text-anchor="middle">{_num(lo + i * step)}×</text>'
     x = _L + (median - lo) / step * slot
     yield f'<line class="median" x1="{x:.1f}" y1="{_T}" x2="{x:.1f}" y2="{_T + height}"/>'
-    yield f'<text x="{x + 4:.1f}" y="{_T + 12}">median {_num(round(median, 3))}×</text>'
+    yield f'<text x="{x + 4:.1f}" y="{_T - 6}">median {_num(round(median, 3))}×</text>'
 
 
 # ---- failure and skip lists ------------------------------------------------------------------

@@ -347,6 +347,21 @@ def _resolve(base_dir: Path, value: str) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
 
 
+def default_settings(model: str, config_path: Path | None, bedrock: Mapping[str, Any]) -> JobSettings:
+    """Settings for commands that need no job (``doctor`` without a manifest): built-ins, config, flags."""
+    stand_in = {"version": 1, "name": "doctor", "sources": ["."], "output": {"dir": "."},
+                "model": {"name": model} | ({"prompt": "x"} if model != ModelName.FAST else {}),
+                "backend": "bedrock"}
+    config: Any = {}
+    if config_path is not None:
+        config = load_yaml(config_path, "config file") or {}
+        problems = validate(config, CONFIG_SCHEMA)
+        if problems:
+            raise ManifestError(str(config_path), problems)
+    layers = Layers(Path.cwd() / "doctor.yaml", stand_in, config, {"bedrock": dict(bedrock)} if bedrock else {})
+    return build_settings(layers)
+
+
 def load_settings(manifest_path: Path, config_path: Path | None = None,
                   flags: Mapping[str, Any] | None = None) -> JobSettings:
     """The one entry point: read every layer, validate, merge and resolve."""

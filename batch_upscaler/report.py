@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState
 from batch_upscaler.discovery import display_path, parse_source, printable
+from batch_upscaler.htmlreport import render_html
 from batch_upscaler.settings import JobSettings
 
 CSV_COLUMNS = ("source", "output", "status", "input_width", "input_height", "sent_width", "sent_height",
@@ -70,6 +71,8 @@ class ReportWriter:
             self._stream_items(header, js, cs)
         with _atomic(directory / "report.md") as md:
             md.write(render_markdown(header, summary))
+        with _atomic(directory / "report.html") as page:
+            page.write(render_html(self.settings, self.checkpoint, header))
         with _atomic(directory / "failed.txt") as failed:
             failed.writelines(f"{printable(self._source_display(row))}\n" for row in self.checkpoint.items()
                               if row["state"] == ItemState.FAILED)

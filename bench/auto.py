@@ -10,7 +10,7 @@ from bench.table import Check, ScenarioResult
 from bench.throughput import COLUMNS, CONCURRENCY, measure_runner
 from bench.workspace import Workspace
 
-IMAGES, SMOKE_IMAGES = 1300, 10
+IMAGES, SMOKE_IMAGES = 1300, 6
 MIN_RUN_S = 120.0
 
 

@@ -31,7 +31,7 @@ from bench.table import Check, Row, ScenarioResult
 from bench.throughput import COLUMNS, CONCURRENCY, EMULATOR, QUOTA_RPM, corpus, measure_runner, slug, traffic_row
 from bench.workspace import Workspace
 
-IMAGES, SMOKE_IMAGES = 300, 12
+IMAGES, SMOKE_IMAGES = 300, 6
 TIME_CAP_S, SMOKE_TIME_CAP_S = 120.0, 15.0
 MODEL_ID = "us.stability.stable-conservative-upscale-v1:0"
 _ERRORS = (ClientError, BotoCoreError)

@@ -38,8 +38,7 @@ FLOOR_REPEATS = 3  # the floor's system time (page-cache writes) varies run to r
 COLUMNS = (
     Column("concurrency", "concurrency"), Column("images", "images"), Column("failed", "failed"),
     Column("output_mb", "output MB/image", "{:.1f}"), Column("runner_cpu_ms", "runner CPU ms/image", "{:.1f}"),
-    Column("runner_sys_ms", "of which sys", "{:.1f}"), Column("floor_cpu_ms", "floor CPU ms/image", "{:.1f}"),
-    Column("floor_sys_ms", "of which sys", "{:.1f}"), Column("ratio", "runner/floor", "{:.2f}"),
+    Column("floor_cpu_ms", "floor CPU ms/image", "{:.1f}"), Column("ratio", "runner/floor", "{:.2f}"),
     Column("runner_user_ms", "runner user ms", "{:.1f}"), Column("floor_user_ms", "floor user ms", "{:.1f}"),
     Column("user_ratio", "user runner/floor", "{:.2f}"),
     Column("peak_rss_mb", "peak RSS MB", "{:.0f}"), Column("elapsed_s", "wall s", "{:.1f}"),

@@ -10,7 +10,7 @@ from bench.table import Check, ScenarioResult
 from bench.throughput import COLUMNS, CONCURRENCY, QUOTA_RPM, measure_runner
 from bench.workspace import Workspace
 
-IMAGES, SMOKE_IMAGES = 700, 30
+IMAGES, SMOKE_IMAGES = 700, 20
 
 
 def run(workspace: Workspace) -> ScenarioResult:

@@ -101,7 +101,7 @@ def test_summary_figures_and_reasons(job: Job) -> None:
                          (totals["skipped"], "skipped"), (job.header["requests"], "requests"),
                          (job.header["throttled_attempts"], "throttled"),
                          (job.header["requests_saved_by_dedup"], "saved by dedup"),
-                         (f"${job.header['estimated_cost_usd']:.2f}", "estimated cost (estimate)")):
+                         (f"${job.header['estimated_cost_usd']:.2f}", "cost (estimate)")):
         assert f"<b>{value}</b><span>{label}</span>" in html, label
     assert "<title>Upscale report: job</title>" in html
     assert "<code>empty_file</code>" in html and "<code>too_small</code>" in html
@@ -195,3 +195,20 @@ def test_chromium_error_detection_works(job: Job, tmp_path: Path) -> None:
     page.write_text(job.html.replace("<body>", '<body><img src="https://example.invalid/x.png">', 1))
     errors = _page_errors(_chromium(page, tmp_path / "profile").stderr)
     assert any("example.invalid" in line for line in errors), errors
+
+
+def test_empty_checkpoint_renders(job: Job, tmp_path: Path) -> None:
+    settings = dataclasses.replace(job.settings, state_dir=tmp_path)
+    header = {**job.header, "runs": 0, "totals": dict.fromkeys(job.header["totals"], 0)}
+    html = _render(settings, header)
+    assert "No item has been sent and finished yet." in html and "<svg" not in html
+    assert 'id="samples"' not in html and 'id="failed"' not in html
+
+
+def test_long_groups_are_capped(job: Job, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batch_upscaler import htmlreport
+
+    monkeypatch.setattr(htmlreport, "GROUP_LIST_LIMIT", 1)
+    html = _render(job.settings, job.header, sample_size=0)
+    assert '… and 1 more (see <a href="items.csv">items.csv</a>)' in html  # empty_file: 2 files, 1 listed
+    assert 'id="samples"' not in html

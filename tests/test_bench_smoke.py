@@ -1,0 +1,95 @@
+"""Each benchmark scenario's smoke version runs and reports sane figures (the full runs are not tests).
+
+The five smoke runs are started together as separate ``python -m bench <scenario> --smoke``
+processes (most of their time is the emulator's latency, so they overlap well), each writing its
+JSON into its own temporary folder; each test then checks one scenario's result.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+SCENARIOS = ("known", "auto", "baselines", "cost", "scale")
+TIMEOUT_S = 110
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("bench")
+    processes = {name: subprocess.Popen([sys.executable, "-m", "bench", name, "--smoke", "--out", str(root / name)],
+                                        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for name in SCENARIOS}
+    outputs: dict[str, str] = {}
+    try:
+        for name, process in processes.items():
+            outputs[name], _ = process.communicate(timeout=TIMEOUT_S)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    results = {}
+    for name in SCENARIOS:
+        path = root / name / f"{name}-smoke.json"
+        assert processes[name].returncode == 0 and path.exists(), f"{name} smoke failed:\n{outputs[name][-3000:]}"
+        results[name] = json.loads(path.read_text()) | {"stdout": outputs[name]}
+    yield results
+
+
+def _rows(result: dict[str, Any], columns: set[str]) -> list[dict[str, Any]]:
+    assert result["smoke"] is True and result["rows"], result
+    for row in result["rows"]:
+        assert columns <= set(row), f"missing {columns - set(row)} in {row}"
+    assert all(check["figure"] for check in result["checks"])
+    assert "| " in result["stdout"]  # the table was printed
+    return list(result["rows"])
+
+
+THROUGHPUT_COLUMNS = {"variant", "images", "succeeded", "failed", "not_done", "requests", "throttled",
+                      "throttled_pct", "elapsed_s", "goodput_rpm", "ceiling_rpm", "ratio"}
+
+
+@pytest.mark.parametrize("scenario", ["known", "auto"])
+def test_runner_throughput_smoke(smoke_results: dict[str, dict[str, Any]], scenario: str) -> None:
+    (row,) = _rows(smoke_results[scenario], THROUGHPUT_COLUMNS)
+    assert row["failed"] == 0 and row["not_done"] == 0 and row["succeeded"] == row["images"]
+    assert row["requests"] >= row["images"] and row["ceiling_rpm"] == 600
+    assert 0 < row["goodput_rpm"] <= 2 * row["ceiling_rpm"] and row["ratio"] > 0
+
+
+def test_baselines_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
+    rows = _rows(smoke_results["baselines"], THROUGHPUT_COLUMNS)
+    assert [row["variant"][:3] for row in rows[:3]] == ["(a)", "(b)", "(c)"]
+    assert [row["variant"] for row in rows[3:]] == ["runner rpm=600", "runner rpm=auto"]
+    for row in rows:
+        assert row["succeeded"] + row["failed"] + row["not_done"] == row["images"]
+        assert row["requests"] >= row["succeeded"] and row["goodput_rpm"] >= 0
+    assert all(row["failed"] == 0 and row["succeeded"] > 0 for row in rows[3:])
+
+
+def test_cost_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
+    rows = _rows(smoke_results["cost"], {"concurrency", "images", "failed", "output_mb", "runner_cpu_ms",
+                                         "floor_cpu_ms", "ratio", "user_ratio", "peak_rss_mb"})
+    assert [row["concurrency"] for row in rows] == [8, 32]
+    for row in rows:
+        assert row["failed"] == 0 and row["succeeded"] == row["images"] > 0
+        assert row["output_mb"] > 5  # the ~9.7 MP PNG really came back
+        assert row["runner_cpu_ms"] > 0 and row["floor_cpu_ms"] > 0 and 30 < row["peak_rss_mb"] < 4000
+
+
+def test_scale_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
+    scan, resume, some = _rows(smoke_results["scale"], {"phase", "items", "pending", "knows_s", "elapsed_s",
+                                                        "requests", "peak_rss_mb"})
+    assert scan["items"] == scan["pending"] == 500 and scan["files_per_s"] > 0
+    assert resume["items"] == 500 and resume["pending"] == 0 and resume["requests"] == 0
+    assert resume["knows_s"] is not None and 0 <= resume["knows_s"] < 10
+    assert some["requests"] == 50 and some["pending"] == 0 and some["failed"] == 0
+    assert 0 < some["first_request_s"] < 10
