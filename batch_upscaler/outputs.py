@@ -24,6 +24,11 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def new_file_mode() -> int:
+    """The mode a plainly created file would get (mkstemp's 0600 is for secrets, not reports)."""
+    return 0o666 & ~_UMASK
+
+
 class OutputPathError(ValueError):
     """A rendered output path would leave the output root."""
 
@@ -72,7 +77,7 @@ class LocalOutputStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=staging, suffix=".part")
         try:
-            os.fchmod(fd, 0o666 & ~_UMASK)
+            os.fchmod(fd, new_file_mode())
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()

@@ -25,6 +25,7 @@ from typing import IO, Any
 from batch_upscaler.checkpoint import Checkpoint, ItemState
 from batch_upscaler.discovery import display_path, parse_source, printable
 from batch_upscaler.htmlreport import render_html
+from batch_upscaler.outputs import new_file_mode
 from batch_upscaler.settings import JobSettings
 
 CSV_COLUMNS = ("source", "output", "status", "input_width", "input_height", "sent_width", "sent_height",
@@ -203,6 +204,7 @@ def _iso(ts: float | None) -> str | None:
 def _atomic(path: Path) -> Iterator[IO[str]]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             yield fh
         os.replace(tmp, path)
