@@ -1,13 +1,15 @@
 """The request-rate dial: spaces request starts evenly and adjusts the rate to what the service allows.
 
 Kept separate from the concurrency cap on purpose: concurrency bounds requests *in flight*, this
-bounds requests *started per minute*. Start times are handed out one interval apart (a reservation
-scheme, exact under asyncio because reserving never awaits). Two controllers set the rate:
+bounds requests *started per minute*. A start is allowed one interval (at the *current* rate) after
+the previous start; waiters re-check when they wake, so a rate change applies at once to everyone
+waiting (booking future slots at the old rate would hide a change for concurrency × interval).
+Two controllers set the rate:
 
 * :class:`FixedRateLimiter` (a number in the manifest): the number is a ceiling. A throttle cuts
   the rate in half and pauses one interval; each success adds back 5% of the ceiling (AIMD).
 * :class:`AdaptiveRateLimiter` (``auto``): the quota is unknown. It starts low and grows while the
-  rate is what holds requests back (×1.5 per probe interval until the first throttle, then a
+  rate is what holds requests back (doubling per probe interval until the first throttle, then a
   growth step that doubles every 4 quiet intervals, 1% to 25%). On a throttle it drops to just
   under the success rate measured over the last window (what the quota let through), at most once
   per cool-down, so a burst of 429s from requests already in flight counts as one signal.
@@ -34,7 +36,8 @@ class RateLimiter(ABC):
             raise ValueError("requests_per_minute must be > 0")
         self._rpm = requests_per_minute
         self._clock = clock
-        self._next_start = clock.now()
+        self._last_start = -math.inf
+        self._hold_until = -math.inf
         self.throttles = 0
 
     @property
@@ -46,21 +49,30 @@ class RateLimiter(ABC):
     def interval(self) -> float:
         return 60.0 / self._rpm
 
-    def reserve(self) -> float:
-        """Reserve the next start slot; returns how long the caller must wait for it."""
-        now = self._clock.now()
-        start = max(now, self._next_start)
-        self._next_start = start + self.interval
-        return start - now
+    def wait_needed(self) -> float:
+        """How long a start would have to wait now (0: it may start)."""
+        allowed = max(self._last_start + self.interval, self._hold_until)
+        return max(0.0, allowed - self._clock.now())
+
+    def try_start(self) -> bool:
+        """Take a start now if one is allowed."""
+        if self.wait_needed() > 0:
+            return False
+        self._last_start = self._clock.now()
+        return True
 
     async def acquire(self) -> None:
-        delay = self.reserve()
-        if delay > 0:
-            await self._clock.sleep(delay)
+        """Wait until a start is allowed, then take it."""
+        while not self.try_start():
+            self._on_wait()
+            await self._clock.sleep(self.wait_needed())
+
+    def _on_wait(self) -> None:
+        """A start had to wait: the rate, not the workers, is what limits throughput now."""
 
     def _hold(self, pause_s: float) -> None:
         """No start before ``pause_s`` from now (after a throttle, or as Retry-After asks)."""
-        self._next_start = max(self._next_start, self._clock.now() + pause_s)
+        self._hold_until = max(self._hold_until, self._clock.now() + pause_s)
 
     @abstractmethod
     def on_success(self) -> None:
@@ -97,7 +109,7 @@ class AdaptiveRateLimiter(RateLimiter):
     mode = "auto"
 
     def __init__(self, clock: Clock, *, start_rpm: float = 30.0, floor_rpm: float = 1.0,
-                 max_rpm: float = 60_000.0, window_s: float = 10.0, probe_interval_s: float = 2.0,
+                 max_rpm: float = 60_000.0, window_s: float = 5.0, probe_interval_s: float = 2.0,
                  margin: float = 0.97, cooldown_s: float = 4.0) -> None:
         super().__init__(start_rpm, clock)
         self.floor_rpm, self.max_rpm = floor_rpm, max_rpm
@@ -113,11 +125,8 @@ class AdaptiveRateLimiter(RateLimiter):
         self._successes: deque[float] = deque()
         self.adjustments = 0  # rate cuts, for tests and the report
 
-    def reserve(self) -> float:
-        delay = super().reserve()
-        if delay > 0:
-            self._binding = True
-        return delay
+    def _on_wait(self) -> None:
+        self._binding = True
 
     def on_success(self) -> None:
         now = self._clock.now()
@@ -155,7 +164,7 @@ class AdaptiveRateLimiter(RateLimiter):
             self._last_probe += self._probe_s
             self._quiet += 1
             if self._binding:
-                growth = 0.5 if self._slow_start else min(0.25, 0.01 * 2 ** (self._quiet / 4))
+                growth = 1.0 if self._slow_start else min(0.25, 0.01 * 2 ** (self._quiet / 4))
                 self._rpm = min(self.max_rpm, self._rpm * (1 + growth))
             self._binding = False
 

@@ -22,18 +22,32 @@ SMALL_OUTPUT = 128 * 128  # keeps emulator outputs tiny so tests stay fast
 
 
 class FakeClock:
-    """A monotonic clock that only moves when someone sleeps on it (or a test advances it)."""
+    """Virtual time: it only moves when sleepers wait on it (or a test advances it).
+
+    With several tasks asleep, time jumps to the earliest wake-up, wakes that sleeper, and the
+    others keep waiting, as on a real clock, but without any real waiting.
+    """
 
     def __init__(self, start: float = 1000.0) -> None:
         self.t = start
         self.sleeps: list[float] = []
+        self._wakeups: list[float] = []
 
     def now(self) -> float:
         return self.t
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self.t += max(0.0, seconds)
+        target = self.t + max(0.0, seconds)
+        self._wakeups.append(target)
+        try:
+            while self.t < target:
+                if target <= min(self._wakeups):
+                    self.t = target
+                else:
+                    await asyncio.sleep(0)
+        finally:
+            self._wakeups.remove(target)
         await asyncio.sleep(0)  # still yield, as a real sleep would
 
     def advance(self, seconds: float) -> None:

@@ -10,9 +10,12 @@ from tests.conftest import FakeClock
 
 def test_starts_are_spaced_one_interval_apart(clock: FakeClock) -> None:
     limiter = FixedRateLimiter(60, clock)  # one per second
-    assert [limiter.reserve() for _ in range(4)] == [0.0, 1.0, 2.0, 3.0]
+    assert limiter.try_start()
+    assert limiter.wait_needed() == 1.0 and not limiter.try_start()
+    clock.advance(1)
+    assert limiter.try_start()
     clock.advance(10)
-    assert limiter.reserve() == 0.0  # idle time does not bank a burst beyond the next slot
+    assert limiter.try_start() and not limiter.try_start()  # idle time does not bank a burst
 
 
 def test_acquire_sleeps_on_the_clock(clock: FakeClock) -> None:
@@ -29,13 +32,21 @@ def test_acquire_sleeps_on_the_clock(clock: FakeClock) -> None:
 
 def test_throttle_halves_the_rate_and_pauses(clock: FakeClock) -> None:
     limiter = FixedRateLimiter(60, clock)
-    limiter.reserve()
+    assert limiter.try_start()
     limiter.on_throttle()
     assert limiter.rpm == 30
-    assert limiter.reserve() == 2.0  # a full new interval from now
+    assert limiter.wait_needed() == 2.0  # a full new interval from now
     limiter.on_throttle(retry_after_s=7)
     assert limiter.rpm == 15
-    assert limiter.reserve() >= 7
+    assert limiter.wait_needed() == 7
+
+
+def test_a_rate_change_applies_to_starts_already_waiting(clock: FakeClock) -> None:
+    fast = FixedRateLimiter(60, clock)
+    assert fast.try_start()
+    fast.on_throttle()
+    fast.on_throttle()  # 15/min: the next start waits 4 s, not the 1 s booked at 60/min
+    assert fast.wait_needed() == 4
 
 
 def test_rate_recovers_additively_and_never_exceeds_the_ceiling(clock: FakeClock) -> None:
@@ -98,17 +109,19 @@ class Quota:
 
 def drive(limiter: AdaptiveRateLimiter, quota: Quota, clock: FakeClock, seconds: float) -> tuple[int, int]:
     """Send requests as fast as the limiter allows for ``seconds``; (successes, throttles)."""
-    ok = throttled = 0
-    end = clock.now() + seconds
-    while clock.now() < end:
-        clock.advance(limiter.reserve())
-        if quota.take():
-            ok += 1
-            limiter.on_success()
-        else:
-            throttled += 1
-            limiter.on_throttle()
-    return ok, throttled
+    async def go() -> tuple[int, int]:
+        ok = throttled = 0
+        end = clock.now() + seconds
+        while clock.now() < end:
+            await limiter.acquire()
+            if quota.take():
+                ok += 1
+                limiter.on_success()
+            else:
+                throttled += 1
+                limiter.on_throttle()
+        return ok, throttled
+    return asyncio.run(go())
 
 
 def test_auto_converges_under_a_step_change_of_quota(clock: FakeClock) -> None:
@@ -132,7 +145,7 @@ def test_auto_starts_low_and_only_grows_when_the_rate_is_the_limit(clock: FakeCl
     # Requests come slower than the limiter allows (the workers are the bottleneck): no growth.
     for _ in range(30):
         clock.advance(5)
-        assert limiter.reserve() == 0
+        assert limiter.try_start()
         limiter.on_success()
     assert limiter.rpm == 30
 
@@ -152,6 +165,6 @@ def test_auto_recovers_after_a_burst_of_throttles(clock: FakeClock) -> None:
 
 def test_retry_after_holds_the_next_start(clock: FakeClock) -> None:
     limiter = AdaptiveRateLimiter(clock, start_rpm=600)
-    limiter.reserve()
+    assert limiter.try_start()
     limiter.on_throttle(retry_after_s=12)
-    assert limiter.reserve() >= 12
+    assert limiter.wait_needed() == 12
