@@ -105,6 +105,38 @@ class BedrockInvoker:
 
 def parse_response(payload: bytes) -> bytes | AttemptError:
     """Decode an InvokeModel 200 body; a non-null ``finish_reasons[0]`` is a failure."""
+    return _parse_plain_layout(payload) or _parse_any_layout(payload)
+
+
+def _parse_plain_layout(payload: bytes) -> bytes | AttemptError | None:
+    """Fast path for the usual ``{..., "images": ["<base64>"], ...}`` body.
+
+    ``json.loads`` on a ~12 MB body costs ~20 ms of CPU and a 12 MB ``str``; here the base64 is
+    decoded straight from the body bytes and only the small rest is parsed as JSON. Any other
+    layout (escaped characters, several images, odd spacing) returns None: the full parser decides.
+    """
+    key = payload.find(b'"images"')
+    bracket = payload.find(b"[", key) if key >= 0 else -1
+    start = payload.find(b'"', bracket) if bracket >= 0 else -1
+    if start < 0 or payload[bracket + 1:start].strip():
+        return None
+    end = payload.find(b'"', start + 1)
+    if end < 0 or not payload[end + 1:end + 2] == b"]":
+        return None
+    try:
+        rest = json.loads(payload[:start] + b'""' + payload[end + 1:])
+        image = pybase64.b64decode(memoryview(payload)[start + 1:end], validate=True)
+    except (json.JSONDecodeError, UnicodeDecodeError, binascii.Error, ValueError):
+        return None
+    if not isinstance(rest, Mapping):
+        return None
+    reasons = rest.get("finish_reasons") or [None]
+    if reasons[0] is not None:
+        return AttemptError("content_filtered", str(reasons[0]))
+    return image
+
+
+def _parse_any_layout(payload: bytes) -> bytes | AttemptError:
     try:
         document = json.loads(payload)
     except (json.JSONDecodeError, UnicodeDecodeError):
