@@ -121,7 +121,7 @@ def _parse_plain_layout(payload: bytes) -> bytes | AttemptError | None:
     if start < 0 or payload[bracket + 1:start].strip():
         return None
     end = payload.find(b'"', start + 1)
-    if end < 0 or not payload[end + 1:end + 2] == b"]":
+    if end < 0 or payload[end + 1:end + 2] != b"]":
         return None
     try:
         rest = json.loads(payload[:start] + b'""' + payload[end + 1:])

@@ -18,7 +18,7 @@ import io
 import itertools
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -89,24 +89,22 @@ class WorkerPool:
         return self.stats
 
     async def _produce(self, queue: asyncio.Queue[WorkItem | None], workers: int) -> None:
-        after = 0
-        while not self.stop.is_set():
-            page = self.checkpoint.pending(after, _PAGE)
-            if not page:
+        for item in self._pending():
+            if self.stop.is_set() or (self.limit is not None and self.stats.started >= self.limit):
                 break
-            for item in page:
-                if self.stop.is_set() or (self.limit is not None and self.stats.started >= self.limit):
-                    break
-                after = item.seq
-                if self.only is not None and item.key not in self.only:
-                    continue
-                await queue.put(item)
-                self.stats.started += 1
-            else:
-                continue
-            break
+            await queue.put(item)
+            self.stats.started += 1
         for _ in range(workers):
             await queue.put(None)
+
+    def _pending(self) -> Iterator[WorkItem]:
+        """Pending items in discovery order, a page at a time (100k items never sit in memory)."""
+        after = 0
+        while page := self.checkpoint.pending(after, _PAGE):
+            for item in page:
+                after = item.seq
+                if self.only is None or item.key in self.only:
+                    yield item
 
     async def _work(self, queue: asyncio.Queue[WorkItem | None]) -> None:
         while (item := await queue.get()) is not None:

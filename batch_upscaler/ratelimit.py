@@ -39,6 +39,7 @@ class RateLimiter(ABC):
         self._last_start = -math.inf
         self._hold_until = -math.inf
         self.throttles = 0
+        self.waits = 0  # times a start had to wait for the rate
 
     @property
     def rpm(self) -> float:
@@ -69,6 +70,7 @@ class RateLimiter(ABC):
 
     def _on_wait(self) -> None:
         """A start had to wait: the rate, not the workers, is what limits throughput now."""
+        self.waits += 1
 
     def _hold(self, pause_s: float) -> None:
         """No start before ``pause_s`` from now (after a throttle, or as Retry-After asks)."""
@@ -126,6 +128,7 @@ class AdaptiveRateLimiter(RateLimiter):
         self.adjustments = 0  # rate cuts, for tests and the report
 
     def _on_wait(self) -> None:
+        super()._on_wait()
         self._binding = True
 
     def on_success(self) -> None:
