@@ -253,18 +253,24 @@ class Layers:
     flags: Mapping[str, Any] = field(default_factory=dict)
 
 
+def read_config(config_path: Path | None) -> Mapping[str, Any]:
+    """The deployment config file's layer, validated; empty without a file."""
+    if config_path is None:
+        return {}
+    config = load_yaml(config_path, "config file") or {}
+    problems = validate(config, CONFIG_SCHEMA)
+    if problems:
+        raise ManifestError(str(config_path), problems)
+    return dict(config)
+
+
 def read_layers(manifest_path: Path, config_path: Path | None, flags: Mapping[str, Any]) -> Layers:
     """Read and validate the manifest, the optional config file and the flag overrides."""
     manifest = load_yaml(manifest_path, "manifest")
     problems = validate(manifest, MANIFEST_SCHEMA)
     if problems:
         raise ManifestError(str(manifest_path), problems)
-    config: Any = {}
-    if config_path is not None:
-        config = load_yaml(config_path, "config file") or {}
-        problems = validate(config, CONFIG_SCHEMA)
-        if problems:
-            raise ManifestError(str(config_path), problems)
+    config = read_config(config_path)
     problems = validate(dict(flags), dict(MANIFEST_SCHEMA) | {"version": Key(), "name": Key(),
                                                         "sources": Key(), "output": Key(), "model": Key()})
     if problems:
@@ -352,13 +358,7 @@ def default_settings(model: str, config_path: Path | None, bedrock: Mapping[str,
     stand_in = {"version": 1, "name": "doctor", "sources": ["."], "output": {"dir": "."},
                 "model": {"name": model} | ({"prompt": "x"} if model != ModelName.FAST else {}),
                 "backend": "bedrock"}
-    config: Any = {}
-    if config_path is not None:
-        config = load_yaml(config_path, "config file") or {}
-        problems = validate(config, CONFIG_SCHEMA)
-        if problems:
-            raise ManifestError(str(config_path), problems)
-    layers = Layers(Path.cwd() / "doctor.yaml", stand_in, config, {"bedrock": dict(bedrock)} if bedrock else {})
+    layers = Layers(Path.cwd() / "doctor.yaml", stand_in, read_config(config_path), {"bedrock": dict(bedrock)} if bedrock else {})
     return build_settings(layers)
 
 
