@@ -358,7 +358,8 @@ def default_settings(model: str, config_path: Path | None, bedrock: Mapping[str,
     stand_in = {"version": 1, "name": "doctor", "sources": ["."], "output": {"dir": "."},
                 "model": {"name": model} | ({"prompt": "x"} if model != ModelName.FAST else {}),
                 "backend": "bedrock"}
-    layers = Layers(Path.cwd() / "doctor.yaml", stand_in, read_config(config_path), {"bedrock": dict(bedrock)} if bedrock else {})
+    flags = {"bedrock": dict(bedrock)} if bedrock else {}
+    layers = Layers(Path.cwd() / "doctor.yaml", stand_in, read_config(config_path), flags)
     return build_settings(layers)
 
 
