@@ -11,7 +11,9 @@ checkpoint twice (aggregates, then the thumbnail sample); only bounded aggregate
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
+import hashlib
 import html
 import io
 import math
@@ -420,8 +422,9 @@ def _pair(row: Mapping[str, Any], settings: JobSettings, names: _Names, px: int)
     name = names.display(row)
     source = names.source_path(row)
     output = settings.output_dir / row["output_path"] if row["output_path"] else None
-    before = _box(source, px, "before", name)
-    after = _box(output, px, "after", name)
+    cache = settings.state_dir / "thumbnails"
+    before = _box(source, px, "before", name, cache)
+    after = _box(output, px, "after", name, cache)
     if output is not None and output.is_file():
         href = urllib.parse.quote(Path(os.path.relpath(output, settings.report_dir)).as_posix(), safe="/")
         after = f'<a href="{html.escape(href, quote=True)}" title="open the full output">{after}</a>'
@@ -432,14 +435,37 @@ def _pair(row: Mapping[str, Any], settings: JobSettings, names: _Names, px: int)
             f'<span class="f" title="{_e(name)}">{_e(name)}</span>{_e(sizes)}</figcaption></figure>')
 
 
-def _box(path: Path | None, px: int, tag: str, name: str) -> str:
+def _box(path: Path | None, px: int, tag: str, name: str, cache: Path) -> str:
     if path is None or not path.is_file():
         inner = f'<span class="ph">{tag}: file missing</span>'
     else:
-        uri = _thumbnail(path, px)
+        uri = _cached_thumbnail(path, px, cache)
         inner = (f'<img src="{uri}" alt="{tag}: {_e(name)}">' if uri
                  else f'<span class="ph">{tag}: unreadable</span>')
     return f'<div class="box"><span class="tag">{tag}</span>{inner}</div>'
+
+
+def _cached_thumbnail(path: Path, px: int, cache: Path) -> str | None:
+    """:func:`_thumbnail`, kept on disk by (path, size, mtime): a ~10 MP PNG output costs ~120 ms to
+    decode, and the report is rewritten after every run, mostly with the same samples."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|{px}".encode(), usedforsecurity=False).hexdigest()
+    entry = cache / f"{key}.txt"
+    try:
+        return entry.read_text(encoding="ascii")
+    except OSError:
+        pass
+    uri = _thumbnail(path, px)
+    if uri is not None:
+        with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(uri, encoding="ascii")
+            os.replace(tmp, entry)
+    return uri
 
 
 def _thumbnail(path: Path, px: int) -> str | None:

@@ -57,9 +57,13 @@ class RateLimiter(ABC):
 
     def try_start(self) -> bool:
         """Take a start now if one is allowed."""
-        if self.wait_needed() > 0:
+        now = self._clock.now()
+        allowed = max(self._last_start + self.interval, self._hold_until)
+        if now < allowed:
             return False
-        self._last_start = self._clock.now()
+        # Count from the slot's own time when a wake-up was merely late (timer overshoot would
+        # otherwise add up to a slower rate); after idling, from now (no banked burst).
+        self._last_start = allowed if now - allowed < self.interval else now
         return True
 
     async def acquire(self) -> None:

@@ -12,6 +12,7 @@ Inputs are 64x64 PNGs (the Conservative minimum, so every file is a valid pendin
 from __future__ import annotations
 
 import argparse
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -64,6 +65,7 @@ def run(workspace: Workspace) -> ScenarioResult:
         if traffic.first_received_at is not None:
             row["first_request_s"] = traffic.first_received_at - row["started_at"]
         result.rows.append(row)
+    shutil.rmtree(work, ignore_errors=True)  # 100,000 outputs and a checkpoint: not worth keeping
     result.checks = _checks(result.rows)
     return result
 

@@ -89,8 +89,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Job]:
     report = json.loads((settings.report_dir / "report.json").read_text())
     header = {k: v for k, v in report.items() if k != "items"}
     html_path = settings.report_dir / "report.html"
-    if not html_path.exists():  # until report.py writes it itself
-        html_path.write_text(_render(settings, header), encoding="utf-8")
+    assert html_path.exists()  # every run writes it
     yield Job(settings, header, html_path, html_path.read_text(encoding="utf-8"))
 
 
@@ -212,3 +211,16 @@ def test_long_groups_are_capped(job: Job, monkeypatch: pytest.MonkeyPatch) -> No
     html = _render(job.settings, job.header, sample_size=0)
     assert '… and 1 more (see <a href="items.csv">items.csv</a>)' in html  # empty_file: 2 files, 1 listed
     assert 'id="samples"' not in html
+
+
+def test_thumbnails_are_cached_between_reports(job: Job, monkeypatch: pytest.MonkeyPatch) -> None:
+    import batch_upscaler.htmlreport as htmlreport
+
+    first = _render(job.settings, job.header)
+    assert list((job.settings.state_dir / "thumbnails").glob("*.txt"))
+
+    def no_decoding(path: Path, px: int) -> str | None:
+        raise AssertionError(f"{path} was decoded again")
+
+    monkeypatch.setattr(htmlreport, "_thumbnail", no_decoding)
+    assert _render(job.settings, job.header) == first

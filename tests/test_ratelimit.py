@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from batch_upscaler.ratelimit import AdaptiveRateLimiter, FixedRateLimiter
 from tests.conftest import FakeClock
 
@@ -168,3 +170,11 @@ def test_retry_after_holds_the_next_start(clock: FakeClock) -> None:
     assert limiter.try_start()
     limiter.on_throttle(retry_after_s=12)
     assert limiter.wait_needed() == 12
+
+
+def test_late_wakeups_do_not_slow_the_rate(clock: FakeClock) -> None:
+    limiter = FixedRateLimiter(60, clock)
+    assert limiter.try_start()
+    clock.advance(1.05)  # the timer fired 50 ms late
+    assert limiter.try_start()
+    assert limiter.wait_needed() == pytest.approx(0.95)  # the next slot is still at 2.0 s
