@@ -83,13 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--control-endpoint-url", help="endpoint for STS and the bedrock control plane")
     doctor.add_argument("-v", "--verbose", action="store_true")
     doctor.add_argument("-q", "--quiet", action="store_true")
-    emu = sub.add_parser("emulator", help="run the Bedrock-compatible emulator alone")
-    emu.add_argument("--host", default="127.0.0.1")
-    emu.add_argument("--port", type=int, default=8123)
-    emu.add_argument("--latency-s", type=float, default=0.0)
-    emu.add_argument("--quota-rpm", type=float, default=None)
-    emu.add_argument("--output-max-pixels", type=_positive_int, default=None)
-    emu.add_argument("--request-log", type=Path, default=None, help="append one JSON line per request")
+    # Listed for --help only: main() hands "emulator ..." to the emulator's own command line.
+    sub.add_parser("emulator", help="run the Bedrock-compatible emulator alone "
+                                    "(batch-upscaler emulator --help for its options)")
     return parser
 
 
@@ -252,14 +248,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return exit_code(results)
 
 
-def cmd_emulator(args: argparse.Namespace) -> int:
-    from batch_upscaler.emulator import EmulatorConfig, run_forever
-
-    run_forever(EmulatorConfig(host=args.host, port=args.port, latency_s=args.latency_s, quota_rpm=args.quota_rpm,
-                               output_max_pixels=args.output_max_pixels, request_log_path=args.request_log))
-    return ExitCode.OK
-
-
 def configure_logging(verbose: bool, quiet: bool, log_format: str = "text", job: str | None = None) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
@@ -269,11 +257,16 @@ def configure_logging(verbose: bool, quiet: bool, log_format: str = "text", job:
     log.propagate = False
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "status": cmd_status, "doctor": cmd_doctor,
-            "emulator": cmd_emulator}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "status": cmd_status, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["emulator"]:  # one emulator command line, whichever way it is started
+        from batch_upscaler.emulator.__main__ import main as emulator_main
+
+        emulator_main(argv[1:])
+        return int(ExitCode.OK)
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False),
                       getattr(args, "log_format", "text"), _job_name(args))
