@@ -452,7 +452,9 @@ def _cached_thumbnail(path: Path, px: int, cache: Path) -> str | None:
         st = path.stat()
     except OSError:
         return None
-    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|{px}".encode(), usedforsecurity=False).hexdigest()
+    # fsencode: a name that is not UTF-8 (surrogate escapes) must hash too
+    stamp = os.fsencode(path) + f"|{st.st_size}|{st.st_mtime_ns}|{px}".encode()
+    key = hashlib.sha1(stamp, usedforsecurity=False).hexdigest()
     entry = cache / f"{key}.txt"
     try:
         return entry.read_text(encoding="ascii")

@@ -12,6 +12,7 @@ import csv
 import datetime as dt
 import io
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -28,6 +29,7 @@ from batch_upscaler.htmlreport import render_html
 from batch_upscaler.outputs import new_file_mode
 from batch_upscaler.settings import JobSettings
 
+log = logging.getLogger(__name__)
 CSV_COLUMNS = ("source", "output", "status", "input_width", "input_height", "sent_width", "sent_height",
                "output_width", "output_height", "scale_factor", "attempts", "throttles", "dedup_of",
                "error_code", "error_message")
@@ -72,8 +74,13 @@ class ReportWriter:
             self._stream_items(header, js, cs)
         with _atomic(directory / "report.md") as md:
             md.write(render_markdown(header, summary))
-        with _atomic(directory / "report.html") as page:
-            page.write(render_html(self.settings, self.checkpoint, header))
+        try:
+            page_html = render_html(self.settings, self.checkpoint, header)
+        except Exception:  # the page is for looking at; a bug in it must not cost the run's outcome
+            log.exception("report.html could not be written; report.json, report.md and items.csv are complete")
+        else:
+            with _atomic(directory / "report.html") as page:
+                page.write(page_html)
         with _atomic(directory / "failed.txt") as failed:
             failed.writelines(f"{printable(self._source_display(row))}\n" for row in self.checkpoint.items()
                               if row["state"] == ItemState.FAILED)
