@@ -36,7 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Stability AI models on Amazon Bedrock, resumably.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run (or resume) the job a manifest describes")
+    _add_run(sub.add_parser("run", help="run (or resume) the job a manifest describes"))
+    plan = sub.add_parser("plan", help="what a run would do now: counts, requests, cost and time (sends nothing)")
+    _job_args(plan)
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument("--retry-failed", action="store_true", help="plan as if run with --retry-failed")
+    plan.add_argument("--limit", "--max-images", dest="limit", type=_positive_int, help="plan at most N images")
+    for name, text in (("report", "rewrite the report from the checkpoint"),
+                       ("status", "counts per state from the checkpoint")):
+        _job_args(sub.add_parser(name, help=text))
+    _add_doctor(sub.add_parser("doctor", help="check the AWS set-up: credentials, region, inference profile, "
+                               "model access (sends no upscale request, pays nothing)"))
+    # Listed for --help only: main() hands "emulator ..." to the emulator's own command line.
+    sub.add_parser("emulator", help="run the Bedrock-compatible emulator alone "
+                                    "(batch-upscaler emulator --help for its options)")
+    return parser
+
+
+def _add_run(run: argparse.ArgumentParser) -> None:
     _job_args(run)
     run.add_argument("--retry-failed", action="store_true", help="make failed items pending again first")
     run.add_argument("--only", type=Path, metavar="FILE-LIST",
@@ -63,16 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: <report_dir>/metrics.prom; point it into node_exporter's textfile directory)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="show the progress bar (default: only on a terminal)")
-    plan = sub.add_parser("plan", help="what a run would do now: counts, requests, cost and time (sends nothing)")
-    _job_args(plan)
-    plan.add_argument("--json", action="store_true", help="machine-readable output")
-    plan.add_argument("--retry-failed", action="store_true", help="plan as if run with --retry-failed")
-    plan.add_argument("--limit", "--max-images", dest="limit", type=_positive_int, help="plan at most N images")
-    for name, text in (("report", "rewrite the report from the checkpoint"),
-                       ("status", "counts per state from the checkpoint")):
-        _job_args(sub.add_parser(name, help=text))
-    doctor = sub.add_parser("doctor", help="check the AWS set-up: credentials, region, inference profile, "
-                            "model access (sends no upscale request, pays nothing)")
+
+
+def _add_doctor(doctor: argparse.ArgumentParser) -> None:
     doctor.add_argument("manifest", type=Path, nargs="?", help="check for this job's model and region")
     doctor.add_argument("--config", type=Path)
     doctor.add_argument("--region", help="default: the manifest's, else us-east-1")
@@ -83,10 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--control-endpoint-url", help="endpoint for STS and the bedrock control plane")
     doctor.add_argument("-v", "--verbose", action="store_true")
     doctor.add_argument("-q", "--quiet", action="store_true")
-    # Listed for --help only: main() hands "emulator ..." to the emulator's own command line.
-    sub.add_parser("emulator", help="run the Bedrock-compatible emulator alone "
-                                    "(batch-upscaler emulator --help for its options)")
-    return parser
 
 
 def _job_args(parser: argparse.ArgumentParser) -> None:
