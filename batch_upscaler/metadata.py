@@ -475,12 +475,3 @@ def _splice_webp(image: bytes, exif: bytes | None, icc: bytes | None) -> Injecte
     chunk_data = [_riff_chunk(b"VP8X", bytes((flags, 0, 0, 0)) + canvas), *(data for _, data in parts)]
     riff_size = 4 + sum(len(data) for data in chunk_data)
     return Injected(_join([b"RIFF", struct.pack("<I", riff_size), b"WEBP", *chunk_data]), skipped)
-
-
-# ---------------------------------------------------------------------------------------------- file times
-
-
-def copy_mtime(source: Path, target: Path) -> None:
-    """Give ``target`` the source's access and modification times, so galleries sort outputs by capture date."""
-    stat = os.stat(source)
-    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))

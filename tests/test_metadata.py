@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import random
 import struct
 import zlib
@@ -17,7 +16,6 @@ from PIL.ExifTags import IFD
 
 from batch_upscaler.metadata import (
     SourceMetadata,
-    copy_mtime,
     inject,
     inject_with_report,
     prepare_exif,
@@ -526,17 +524,3 @@ def test_prepare_exif_rejects_unreadable_exif(garbage: bytes) -> None:
     with pytest.raises(ValueError):
         prepare_exif(garbage, strip_gps=True)
 
-
-# ------------------------------------------------------------------ file times
-
-
-def test_copy_mtime(tmp_path: Path) -> None:
-    source, target = tmp_path / "source.jpg", tmp_path / "target.png"
-    source.write_bytes(b"a")
-    target.write_bytes(b"b")
-    os.utime(source, ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
-
-    copy_mtime(source, target)
-
-    assert target.stat().st_mtime_ns == 1_500_000_000_987_654_321
-    assert target.stat().st_atime_ns == 1_600_000_000_123_456_789
