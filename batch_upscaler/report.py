@@ -65,13 +65,14 @@ class ReportWriter:
         self._roots = {spec: parse_source(spec, settings.base_dir) for spec in settings.sources}
 
     def write(self) -> Path:
-        """Write all three files into the report directory; returns that directory."""
+        """Write every report file into the report directory; returns that directory."""
         summary = self._summarise()
         header = self._header(summary)
         directory = self.settings.report_dir
         directory.mkdir(parents=True, exist_ok=True)
-        with _atomic(directory / "report.json") as js, _atomic(directory / "items.csv") as cs:
-            self._stream_items(header, js, cs)
+        with (_atomic(directory / "report.json") as js, _atomic(directory / "items.csv") as cs,
+              _atomic(directory / "failed.txt") as failed):
+            self._stream_items(header, js, cs, failed)
         with _atomic(directory / "report.md") as md:
             md.write(render_markdown(header, summary))
         try:
@@ -81,9 +82,6 @@ class ReportWriter:
         else:
             with _atomic(directory / "report.html") as page:
                 page.write(page_html)
-        with _atomic(directory / "failed.txt") as failed:
-            failed.writelines(f"{printable(self._source_display(row))}\n" for row in self.checkpoint.items()
-                              if row["state"] == ItemState.FAILED)
         return directory
 
     def _summarise(self) -> Summary:
@@ -133,7 +131,8 @@ class ReportWriter:
                      "final_rpm": round(last["final_rpm"], 1) if last.get("final_rpm") else None},
         }
 
-    def _stream_items(self, header: dict[str, Any], js: IO[str], cs: IO[str]) -> None:
+    def _stream_items(self, header: dict[str, Any], js: IO[str], cs: IO[str], failed: IO[str]) -> None:
+        """One pass over the items feeds report.json, items.csv and failed.txt."""
         js.write(json.dumps(header, indent=2)[:-2] + ',\n  "items": [')
         table = csv.writer(cs)
         table.writerow(CSV_COLUMNS)
@@ -144,6 +143,8 @@ class ReportWriter:
                             *(item["sent_size"] or [None, None]), *(item["output_size"] or [None, None]),
                             item["scale_factor"], item["attempts"], item["throttles"], item["dedup_of"],
                             item["error_code"], item["error_message"]])
+            if row["state"] == ItemState.FAILED:
+                failed.write(f"{printable(item['source'])}\n")
         js.write("\n  ]\n}\n")
 
     def _item(self, row: dict[str, Any]) -> dict[str, Any]:
