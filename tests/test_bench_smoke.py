@@ -36,12 +36,15 @@ def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    results = {}
-    for name in SCENARIOS:
-        path = root / name / f"{name}-smoke.json"
-        assert processes[name].returncode == 0 and path.exists(), f"{name} smoke failed:\n{outputs[name][-3000:]}"
-        results[name] = json.loads(path.read_text()) | {"stdout": outputs[name]}
-    yield results
+    # Each scenario's outcome is checked by its own test, so one broken scenario fails one test.
+    yield {name: {"returncode": processes[name].returncode, "stdout": outputs[name],
+                  "path": root / name / f"{name}-smoke.json"} for name in SCENARIOS}
+
+
+def _result(outcomes: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    outcome = outcomes[name]
+    assert outcome["returncode"] == 0 and outcome["path"].exists(), f"{name} smoke failed:\n{outcome['stdout'][-3000:]}"
+    return dict(json.loads(outcome["path"].read_text())) | {"stdout": outcome["stdout"]}
 
 
 def _rows(result: dict[str, Any], columns: set[str]) -> list[dict[str, Any]]:
@@ -59,14 +62,14 @@ THROUGHPUT_COLUMNS = {"variant", "images", "succeeded", "failed", "not_done", "r
 
 @pytest.mark.parametrize("scenario", ["known", "auto"])
 def test_runner_throughput_smoke(smoke_results: dict[str, dict[str, Any]], scenario: str) -> None:
-    (row,) = _rows(smoke_results[scenario], THROUGHPUT_COLUMNS)
+    (row,) = _rows(_result(smoke_results, scenario), THROUGHPUT_COLUMNS)
     assert row["failed"] == 0 and row["not_done"] == 0 and row["succeeded"] == row["images"]
     assert row["requests"] >= row["images"] and row["ceiling_rpm"] == 600
     assert 0 < row["goodput_rpm"] <= 2 * row["ceiling_rpm"] and row["ratio"] > 0
 
 
 def test_baselines_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
-    rows = _rows(smoke_results["baselines"], THROUGHPUT_COLUMNS)
+    rows = _rows(_result(smoke_results, "baselines"), THROUGHPUT_COLUMNS)
     assert [row["variant"][:3] for row in rows[:3]] == ["(a)", "(b)", "(c)"]
     assert [row["variant"] for row in rows[3:]] == ["runner rpm=600", "runner rpm=auto"]
     for row in rows:
@@ -76,7 +79,7 @@ def test_baselines_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
 
 
 def test_cost_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
-    rows = _rows(smoke_results["cost"], {"concurrency", "images", "failed", "output_mb", "runner_cpu_ms",
+    rows = _rows(_result(smoke_results, "cost"), {"concurrency", "images", "failed", "output_mb", "runner_cpu_ms",
                                          "floor_cpu_ms", "ratio", "user_ratio", "peak_rss_mb"})
     assert [row["concurrency"] for row in rows] == [8, 32]
     for row in rows:
@@ -86,7 +89,7 @@ def test_cost_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
 
 
 def test_scale_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
-    scan, resume, some = _rows(smoke_results["scale"], {"phase", "items", "pending", "knows_s", "elapsed_s",
+    scan, resume, some = _rows(_result(smoke_results, "scale"), {"phase", "items", "pending", "knows_s", "elapsed_s",
                                                         "requests", "peak_rss_mb"})
     assert scan["items"] == scan["pending"] == 500 and scan["files_per_s"] > 0
     assert resume["items"] == 500 and resume["pending"] == 0 and resume["requests"] == 0
