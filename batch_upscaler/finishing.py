@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
 from batch_upscaler.fitting import Fit
 from batch_upscaler.metadata import SourceMetadata, inject_with_report, prepare_exif
+from batch_upscaler.outputs import FileParts
 from batch_upscaler.settings import MetadataSettings
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,30 @@ def carried_metadata(meta: SourceMetadata, settings: MetadataSettings, *, colour
     return replace(meta, exif=exif, icc_profile=icc)
 
 
-def finish(returned: bytes, plan: Fit, meta: SourceMetadata) -> bytes:
-    """The output file's bytes for one returned image."""
+@dataclass(frozen=True)
+class Finished:
+    """One output file, ready to write: its parts in order and its pixel size (None: unreadable header)."""
+
+    parts: FileParts
+    size: tuple[int, int] | None
+
+
+def finish(returned: bytes, plan: Fit, meta: SourceMetadata) -> Finished:
+    """The output file for one returned image."""
     image = _crop_padding(returned, plan) if plan.content_box is not None else returned
     injected = inject_with_report(image, meta)
     for reason in injected.skipped:
         log.info("metadata not carried: %s", reason)
-    return injected.data
+    return Finished(injected.parts, image_size(image))
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from an encoded image's header (no decode)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.width, im.height
+    except (OSError, ValueError, SyntaxError):
+        return None
 
 
 def _crop_padding(returned: bytes, plan: Fit) -> bytes:

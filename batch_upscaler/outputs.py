@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +30,11 @@ def new_file_mode() -> int:
     return 0o666 & ~_UMASK
 
 
+# An output file as consecutive parts (the returned image's bytes around spliced metadata chunks),
+# written one after another so the file is never first assembled into a second ~10 MB buffer.
+FileParts = Sequence[bytes | memoryview]
+
+
 class OutputPathError(ValueError):
     """A rendered output path would leave the output root."""
 
@@ -36,7 +42,7 @@ class OutputPathError(ValueError):
 class OutputStore(Protocol):
     def exists(self, relpath: str, size: int | None) -> bool: ...
     def read(self, relpath: str) -> bytes: ...
-    def write_atomic(self, relpath: str, data: bytes, mtime_ns: int | None = None) -> int: ...
+    def write_atomic(self, relpath: str, parts: FileParts, mtime_ns: int | None = None) -> int: ...
     def clean_staging(self) -> int: ...
 
 
@@ -65,8 +71,8 @@ class LocalOutputStore:
     def read(self, relpath: str) -> bytes:
         return self.path_of(relpath).read_bytes()
 
-    def write_atomic(self, relpath: str, data: bytes, mtime_ns: int | None = None) -> int:
-        """Write ``data`` to ``relpath`` so it appears complete or not at all; returns its size.
+    def write_atomic(self, relpath: str, parts: FileParts, mtime_ns: int | None = None) -> int:
+        """Write ``parts``, in order, to ``relpath`` so it appears complete or not at all; returns its size.
 
         ``mtime_ns`` (the source's modification time) is set before the rename, so the file never
         appears with another one.
@@ -79,7 +85,7 @@ class LocalOutputStore:
         try:
             os.fchmod(fd, new_file_mode())
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                fh.writelines(parts)  # parts above the buffer size go straight to write(2), uncopied
                 fh.flush()
                 os.fsync(fh.fileno())
             if mtime_ns is not None:
@@ -90,7 +96,7 @@ class LocalOutputStore:
                 os.unlink(tmp)
             raise
         _fsync_dir(target.parent)  # the rename itself must survive power loss
-        return len(data)
+        return sum(len(part) for part in parts)
 
     def clean_staging(self) -> int:
         """Remove leftovers of writes a crash interrupted; returns how many were removed."""

@@ -14,7 +14,6 @@ back-off are released; requests already in flight finish and are recorded.
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
 import logging
 import random
@@ -22,14 +21,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from PIL import Image
-
 from batch_upscaler.budget import Budget
 from batch_upscaler.checkpoint import Checkpoint, ItemState, WorkItem
 from batch_upscaler.clock import Clock
 from batch_upscaler.discovery import SourceRoot, printable
 from batch_upscaler.errors import FatalBackendError
-from batch_upscaler.finishing import finish
+from batch_upscaler.finishing import Finished, finish, image_size
 from batch_upscaler.outputs import OutputPathError, OutputStore
 from batch_upscaler.payload import Payload, PayloadError, build_payload
 from batch_upscaler.ratelimit import RateLimiter
@@ -165,7 +162,7 @@ class WorkerPool:
             data = await asyncio.to_thread(self.outputs.read, original_output)
         except OSError:
             return None  # the earlier output is gone: upscale again
-        state = await self._write(item, data, payload, dedup_of=original_key)
+        state = await self._write(item, Finished((data,), image_size(data)), payload, dedup_of=original_key)
         self.stats.deduplicated += 1
         return state
 
@@ -209,13 +206,14 @@ class WorkerPool:
             return self._fail(item, "bad_response", f"bad_response: returned image unusable: {exc}")
         return await self._write(item, final, payload)
 
-    async def _write(self, item: WorkItem, data: bytes, payload: Payload, dedup_of: str | None = None) -> ItemState:
+    async def _write(self, item: WorkItem, output: Finished, payload: Payload,
+                     dedup_of: str | None = None) -> ItemState:
         mtime = item.mtime_ns if self.settings.metadata.mtime else None
         try:
-            written = await asyncio.to_thread(self.outputs.write_atomic, item.output_path, data, mtime)
+            written = await asyncio.to_thread(self.outputs.write_atomic, item.output_path, output.parts, mtime)
         except (OSError, OutputPathError) as exc:
             return self._fail(item, "output_write_failed", f"output_write_failed: {item.output_path}: {exc}")
-        self.checkpoint.succeed(item.key, written, image_size(data), payload.sent.size, dedup_of)
+        self.checkpoint.succeed(item.key, written, output.size, payload.sent.size, dedup_of)
         log.debug("succeeded %s", printable(item.key), extra={"event": "item_succeeded", "file": printable(item.key)})
         return ItemState.SUCCEEDED
 
@@ -225,11 +223,3 @@ class WorkerPool:
                     extra={"event": "item_failed", "file": printable(item.key), "error_code": code})
         return ItemState.FAILED
 
-
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height from an encoded image's header (no decode)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.width, im.height
-    except (OSError, ValueError, SyntaxError):
-        return None

@@ -191,6 +191,24 @@ def test_png_chunks_are_well_formed_and_ordered() -> None:
         im.verify()  # Pillow re-checks every chunk CRC
 
 
+@pytest.mark.parametrize("kind", ["png", "jpeg-jfif", "webp-lossy"])
+def test_injection_returns_views_of_the_output_not_a_copy(kind: str) -> None:
+    """The pixel data is written from the returned image's own buffer: no second ~10 MB copy."""
+    # Noise does not compress, so this PNG has many IDAT chunks (Pillow writes one per 64 kB).
+    noise = Image.frombytes("RGB", (300, 300), random.Random(5).randbytes(300 * 300 * 3))
+    output = _encode(noise, {"png": "PNG", "jpeg-jfif": "JPEG", "webp-lossy": "WEBP"}[kind])
+    meta = SourceMetadata(exif=prepare_exif(_source_exif().tobytes(), strip_gps=False), icc_profile=PROFILE)
+
+    result = inject_with_report(output, meta)
+
+    assert result.data == b"".join(result.parts) and len(result.data) > len(output)
+    assert len(result.parts) <= 8, "neighbouring chunks are written as one part"
+    largest = max(result.parts, key=len)
+    assert isinstance(largest, memoryview) and largest.obj is output and len(largest) > len(output) // 2
+    with Image.open(io.BytesIO(result.data)) as im:
+        assert im.getexif()[MAKE] == "Canon" and im.info["icc_profile"] == PROFILE
+
+
 def test_reinjection_replaces_instead_of_duplicating(source_jpeg: bytes) -> None:
     first = read_metadata(source_jpeg)
     second = SourceMetadata(exif=prepare_exif(_source_exif().tobytes(), strip_gps=True), icc_profile=PROFILE)
