@@ -76,8 +76,8 @@ class SourceMetadata:
 class Injected:
     """The output file as consecutive parts, plus a reason for every metadata part not carried over.
 
-    The parts are views of the returned image around the new chunks: the file is written with one
-    vectored write instead of first copying ~10 MB into a joined buffer.
+    The parts are views of the returned image around the new chunks: the file is written part by
+    part (the large ones straight to write(2)) instead of first being copied into a joined buffer.
     """
 
     parts: tuple[bytes | memoryview, ...]
