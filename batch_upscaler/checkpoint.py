@@ -20,17 +20,18 @@ stored relative to the output root.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from batch_upscaler.errors import CheckpointError
+from batch_upscaler.errors import CheckpointError, StateUnavailable
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -53,11 +54,17 @@ CREATE TABLE IF NOT EXISTS items (
     sent_width INTEGER,
     sent_height INTEGER,
     output_path TEXT,
+    output_norm TEXT,
     output_bytes INTEGER,
+    output_digest TEXT,
     output_width INTEGER,
     output_height INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
     throttles INTEGER NOT NULL DEFAULT 0,
+    in_flight INTEGER NOT NULL DEFAULT 0,
+    possibly_billed INTEGER NOT NULL DEFAULT 0,
+    checks_hash TEXT,
+    failed_run INTEGER,
     dedup_of TEXT,
     error_code TEXT,
     error_message TEXT,
@@ -67,9 +74,6 @@ CREATE TABLE IF NOT EXISTS items (
     started_at REAL,
     finished_at REAL
 );
-CREATE INDEX IF NOT EXISTS items_state_seq ON items (state, seq);
-CREATE INDEX IF NOT EXISTS items_output ON items (output_path);
-CREATE INDEX IF NOT EXISTS items_content ON items (content_sha256);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
     started_at REAL NOT NULL,
@@ -79,8 +83,16 @@ CREATE TABLE IF NOT EXISTS runs (
     throttles INTEGER NOT NULL DEFAULT 0,
     rate_mode TEXT,
     final_rpm REAL,
-    spent_usd REAL
+    spent_usd REAL,
+    stop_reason TEXT
 );
+"""
+# Created after the additive migration, since they may index columns an older checkpoint lacks.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS items_state_seq ON items (state, seq);
+CREATE INDEX IF NOT EXISTS items_output ON items (output_path);
+CREATE INDEX IF NOT EXISTS items_output_norm ON items (output_norm);
+CREATE INDEX IF NOT EXISTS items_content ON items (content_sha256);
 """
 
 
@@ -98,6 +110,9 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}"
                              + (f" DEFAULT {default}" if default is not None else ""))
     wanted.close()
+
+
+log = logging.getLogger(__name__)
 
 
 class ItemState(StrEnum):
@@ -119,6 +134,11 @@ class Known:
     content_sha256: str | None
     output_path: str | None
     output_bytes: int | None
+    output_digest: str | None = None
+    output_norm: str | None = None
+    error_code: str | None = None
+    checks_hash: str | None = None
+    gone: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,6 +160,8 @@ class Scanned:
     error_code: str | None = None
     error_message: str | None = None
     raw_relpath: bytes | None = None  # the name's bytes when it is not UTF-8
+    output_norm: str | None = None  # the output path as the output filesystem compares names
+    checks_hash: str | None = None  # the limits the scan-time decision was made with
 
 
 @dataclass(frozen=True)
@@ -157,6 +179,7 @@ class WorkItem:
     width: int | None
     height: int | None
     raw_relpath: bytes | None = None
+    possibly_billed: int = 0  # attempts of earlier runs that may have been billed without an answer recorded
 
     @property
     def fs_relpath(self) -> str:
@@ -164,41 +187,91 @@ class WorkItem:
         return os.fsdecode(self.raw_relpath) if self.raw_relpath is not None else self.relpath
 
 
+@dataclass(frozen=True)
+class OutputCopy:
+    """A succeeded item's output that de-duplication may copy, with what proves it is still that output."""
+
+    key: str
+    output_path: str
+    output_bytes: int | None
+    output_digest: str | None  # None: an older checkpoint did not record it; the copy cannot be proven
+    gone: bool
+
+
+_KNOWN_COLUMNS = ("size", "mtime_ns", "params_hash", "content_sha256", "output_path", "output_bytes",
+                  "output_digest", "output_norm", "error_code", "checks_hash")
+_BUSY_STEP_S = 1.0  # sqlite's own busy wait per try; our logged back-off comes between tries
+
+
 class Checkpoint:
     """One job's checkpoint database. Not thread-safe: use it from the event loop thread only."""
 
-    def __init__(self, conn: sqlite3.Connection, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, conn: sqlite3.Connection, now: Callable[[], float] = time.time,
+                 busy_timeout_s: float = 300.0, sleep: Callable[[float], None] = time.sleep) -> None:
         self._conn = conn
         self._now = now
+        self._sleep = sleep
+        self._busy_timeout_s = busy_timeout_s
         self._scan_id = 0
         self._pending_writes = 0
         self._dry = False  # inside dry_run(): nothing is ever committed
+        self.run_id: int | None = None  # the run recording now (failures carry it: "new this run")
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path, job: str, now: Callable[[], float] = time.time) -> Checkpoint:
+    def open(cls, path: Path, job: str, now: Callable[[], float] = time.time,
+             busy_timeout_s: float = 300.0) -> Checkpoint:
         """Open (or create) the checkpoint of ``job``; a corrupt or foreign file is an error."""
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+            conn = sqlite3.connect(path, isolation_level=None, timeout=_BUSY_STEP_S)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # durable at WAL checkpoints; safe on crash
             if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("quick_check failed")
             conn.executescript(_SCHEMA)
             _add_missing_columns(conn)
+            conn.executescript(_INDEXES)
+        except sqlite3.OperationalError as exc:
+            if _storage_problem(exc):
+                raise StateUnavailable(f"{path}: the checkpoint cannot be written: {exc}") from None
+            raise CheckpointError(f"{path}: checkpoint database is unreadable ({exc}); "
+                                  "it was left untouched — move it away to start this job afresh") from None
         except sqlite3.DatabaseError as exc:
             raise CheckpointError(f"{path}: checkpoint database is unreadable ({exc}); "
                                   "it was left untouched — move it away to start this job afresh") from None
-        checkpoint = cls(conn, now)
+        checkpoint = cls(conn, now, busy_timeout_s)
         checkpoint._claim(path, job)
         return checkpoint
+
+    @classmethod
+    def snapshot(cls, path: Path, job: str, now: Callable[[], float] = time.time) -> Checkpoint:
+        """An in-memory copy of the checkpoint (``plan``): a consistent state read without any lock a
+        running job would wait for; whatever is done to the copy is never written back."""
+        memory = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            if path.exists():
+                source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+                try:
+                    source.backup(memory)
+                finally:
+                    source.close()
+            memory.executescript(_SCHEMA)
+            _add_missing_columns(memory)
+            memory.executescript(_INDEXES)
+        except sqlite3.DatabaseError as exc:
+            raise CheckpointError(f"{path}: checkpoint database is unreadable ({exc}); "
+                                  "it was left untouched — move it away to start this job afresh") from None
+        copy = cls(memory, now)
+        copy._claim(path, job)
+        return copy
 
     def _claim(self, path: Path, job: str) -> None:
         meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
         if not meta:
-            self._conn.executemany("INSERT INTO meta VALUES (?, ?)",
-                                   [("schema_version", str(SCHEMA_VERSION)), ("job", job), ("scan_id", "0")])
+            with self._transaction() as conn:
+                conn.executemany("INSERT INTO meta VALUES (?, ?)",
+                                 [("schema_version", str(SCHEMA_VERSION)), ("job", job), ("scan_id", "0")])
             meta = {"schema_version": str(SCHEMA_VERSION), "job": job, "scan_id": "0"}
         if meta.get("job") != job or meta.get("schema_version") != str(SCHEMA_VERSION):
             raise CheckpointError(f"{path}: belongs to job {meta.get('job')!r} (schema "
@@ -208,75 +281,120 @@ class Checkpoint:
     def close(self) -> None:
         self._conn.close()
 
+    # ---- writing safely ------------------------------------------------------------------
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """A full state disk or a database held too long stops the run cleanly (exit 75), never an item."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if _storage_problem(exc) or _busy(exc):
+                raise StateUnavailable(f"the checkpoint cannot be written: {exc}") from None
+            raise
+
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE, waiting with a logged, bounded back-off while another process holds the
+        write lock (a sqlite3 shell, a backup tool): a busy database delays the run, never fails an item."""
+        waited, pause = 0.0, 0.5
+        while True:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc):
+                    raise
+                waited += _BUSY_STEP_S
+                if waited >= self._busy_timeout_s:
+                    raise StateUnavailable(f"the checkpoint stayed locked by another process for "
+                                           f"{waited:.0f} s; stopping so nothing is lost") from None
+                log.warning("the checkpoint is locked by another process; waiting (%.0f s so far, at most %.0f s)",
+                            waited, self._busy_timeout_s, extra={"event": "checkpoint_busy"})
+                self._sleep(pause)
+                waited += pause
+                pause = min(pause * 2, 10.0)
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:  # SQLite may already have rolled back (a full disk does that)
+            self._conn.execute("ROLLBACK")
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        if self._conn.in_transaction:  # nested (a dry run): a savepoint keeps the move atomic
-            self._conn.execute("SAVEPOINT move")
+        with self._guard():
+            if self._conn.in_transaction:  # nested (a dry run or a scan): a savepoint keeps the move atomic
+                self._conn.execute("SAVEPOINT move")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK TO move")
+                    self._conn.execute("RELEASE move")
+                    raise
+                self._conn.execute("RELEASE move")
+                return
+            self._begin()
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK TO move")
-                self._conn.execute("RELEASE move")
+                self._rollback()
                 raise
-            self._conn.execute("RELEASE move")
-            return
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+            self._conn.execute("COMMIT")
 
     @contextmanager
     def dry_run(self) -> Iterator[None]:
         """Everything inside happens as it would, is visible to queries inside, and is rolled back.
 
-        ``plan`` runs the very same recover/scan/retry code as ``run`` this way, so its counts are
-        what the run will see.
+        ``plan`` runs the very same recover/scan/retry code as ``run`` this way (on a snapshot), so
+        its counts are what the run will see.
         """
-        self._conn.execute("BEGIN IMMEDIATE")
+        self._begin()
         self._dry = True
-        scan_id = self._scan_id
+        scan_id, run_id = self._scan_id, self.run_id
         try:
             yield
         finally:
-            self._conn.execute("ROLLBACK")
+            self._rollback()
             self._dry = False
-            self._scan_id = scan_id
+            self._scan_id, self.run_id = scan_id, run_id
 
     # ---- scanning ------------------------------------------------------------------------
     @contextmanager
     def scan(self) -> Iterator[int]:
-        """A discovery pass: writes are batched; on completion unseen items are marked gone."""
-        self._scan_id += 1
-        if not self._dry:
-            self._conn.execute("BEGIN IMMEDIATE")
-        self._pending_writes = 0
-        try:
-            yield self._scan_id
-            self._conn.execute("UPDATE items SET gone = (scan_id <> ?)", (self._scan_id,))
-            self._conn.execute("UPDATE meta SET value = ? WHERE key = 'scan_id'", (str(self._scan_id),))
-        except BaseException:
+        """A discovery pass: writes are batched; on completion unseen items are marked gone.
+
+        The pass's id is recorded before it starts, so an interrupted pass's id is never reused
+        (items it saw must not count as seen by the next pass).
+        """
+        with self._transaction() as conn:
+            self._scan_id += 1
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'scan_id'", (str(self._scan_id),))
+        with self._guard():
             if not self._dry:
-                self._conn.execute("COMMIT")  # keep what was recorded; the next scan redoes the rest
-            raise
-        if not self._dry:
-            self._conn.execute("COMMIT")
+                self._begin()
+            self._pending_writes = 0
+            try:
+                yield self._scan_id
+                self._conn.execute("UPDATE items SET gone = (scan_id <> ?)", (self._scan_id,))
+            except BaseException:
+                if not self._dry and self._conn.in_transaction:
+                    self._conn.execute("COMMIT")  # keep what was recorded; the next scan redoes the rest
+                raise
+            if not self._dry:
+                self._conn.execute("COMMIT")
 
     def _scan_write(self, sql: str, args: tuple[Any, ...]) -> None:
-        self._conn.execute(sql, args)
-        self._pending_writes += 1
-        if self._pending_writes >= 2000 and not self._dry:  # bound the WAL growth of a 100k-file first scan
-            self._conn.execute("COMMIT")
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._pending_writes = 0
+        with self._guard():
+            self._conn.execute(sql, args)
+            self._pending_writes += 1
+            if self._pending_writes >= 2000 and not self._dry:  # bound the WAL growth of a 100k-file first scan
+                self._conn.execute("COMMIT")
+                self._begin()
+                self._pending_writes = 0
 
     def lookup(self, key: str) -> Known | None:
-        row = self._conn.execute(
-            "SELECT state, size, mtime_ns, params_hash, content_sha256, output_path, output_bytes "
-            "FROM items WHERE key = ?", (key,)).fetchone()
-        return None if row is None else Known(ItemState(row[0]), *row[1:])
+        row = self._conn.execute(f"SELECT state, gone, {', '.join(_KNOWN_COLUMNS)} FROM items WHERE key = ?",
+                                 (key,)).fetchone()
+        if row is None:
+            return None
+        return Known(ItemState(row[0]), gone=bool(row[1]), **dict(zip(_KNOWN_COLUMNS, row[2:], strict=True)))
 
     def mark_seen(self, key: str, seq: int, *, size: int | None = None, mtime_ns: int | None = None) -> None:
         """An unchanged item was seen again (optionally with a refreshed stat of equal content)."""
@@ -288,26 +406,55 @@ class Checkpoint:
         """Insert a new item, or reset a changed one to the state its fresh probe decided."""
         assert item.state in (ItemState.PENDING, ItemState.SKIPPED, ItemState.FAILED)
         now = self._now()
+        failed_run = self.run_id if item.state is ItemState.FAILED else None
         self._scan_write(
             "INSERT INTO items (key, seq, source, relpath, state, size, mtime_ns, params_hash, output_path,"
-            " format, width, height, error_code, error_message, scan_id, created_at, updated_at, raw_relpath)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " format, width, height, error_code, error_message, scan_id, created_at, updated_at, raw_relpath,"
+            " output_norm, checks_hash, failed_run)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (key) DO UPDATE SET seq=excluded.seq, state=excluded.state, gone=0,"
             " size=excluded.size, mtime_ns=excluded.mtime_ns, params_hash=excluded.params_hash,"
-            " content_sha256=NULL, output_path=excluded.output_path, output_bytes=NULL, output_width=NULL,"
+            " content_sha256=NULL, output_path=excluded.output_path, output_norm=excluded.output_norm,"
+            " output_bytes=NULL, output_digest=NULL, output_width=NULL,"
             " output_height=NULL, sent_width=NULL, sent_height=NULL, dedup_of=NULL, format=excluded.format,"
-            " width=excluded.width, height=excluded.height,"
-            " attempts=0, throttles=0, error_code=excluded.error_code, error_message=excluded.error_message,"
+            " width=excluded.width, height=excluded.height, checks_hash=excluded.checks_hash,"
+            " attempts=0, throttles=0, in_flight=0, possibly_billed=0, failed_run=excluded.failed_run,"
+            " error_code=excluded.error_code, error_message=excluded.error_message,"
             " scan_id=excluded.scan_id, updated_at=excluded.updated_at, started_at=NULL, finished_at=NULL",
             (item.key, item.seq, item.source, item.relpath, item.state, item.size, item.mtime_ns,
              item.params_hash, item.output_path, item.format, item.width, item.height, item.error_code,
-             item.error_message, self._scan_id, now, now, item.raw_relpath))
+             item.error_message, self._scan_id, now, now, item.raw_relpath, item.output_norm, item.checks_hash,
+             failed_run))
 
-    def output_owner(self, output_path: str, key: str) -> str | None:
-        """Another live item already writing to ``output_path`` (collision detection)."""
-        row = self._conn.execute("SELECT key FROM items WHERE output_path = ? AND key <> ? AND scan_id = ? "
-                                 "AND state <> 'skipped' LIMIT 1", (output_path, key, self._scan_id)).fetchone()
+    def output_owner(self, output_norm: str, key: str) -> str | None:
+        """The live item other than ``key`` that holds ``output_norm``, across the whole checkpoint.
+
+        Every live row with an output path holds it (pending, running, done, or failed while
+        sending): the item that holds a path keeps it, and a newcomer is refused. Refused and skipped
+        rows hold none.
+        """
+        row = self._conn.execute("SELECT key FROM items WHERE output_norm = ? AND key <> ? AND gone = 0 "
+                                 "ORDER BY seq LIMIT 1", (output_norm, key)).fetchone()
         return None if row is None else str(row[0])
+
+    def holds_output(self, output_norm: str) -> bool:
+        """Some item of this job (live or gone) wrote or is to write ``output_norm``."""
+        return self._conn.execute("SELECT 1 FROM items WHERE output_norm = ? LIMIT 1", (output_norm,)).fetchone() \
+            is not None
+
+    def renormalise_outputs(self, mode: str, fold: Callable[[str], str], refusals: Collection[str]) -> None:
+        """Recompute every output's comparison key when the name-comparison rule changed (or the
+        checkpoint predates it). Skipped rows and rows refused for one of ``refusals`` hold no path."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'name_compare'").fetchone()
+        if row is not None and row[0] == mode:
+            return
+        self._conn.create_function("fold_name", 1, fold, deterministic=True)
+        marks = ",".join("?" * len(refusals))
+        with self._transaction() as conn:
+            conn.execute("UPDATE items SET output_norm = CASE WHEN output_path IS NULL OR state = 'skipped' OR "
+                         f"(state = 'failed' AND error_code IN ({marks})) THEN NULL ELSE fold_name(output_path) END",
+                         tuple(refusals))
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('name_compare', ?)", (mode,))
 
     # ---- moves of the state machine ------------------------------------------------------
     def _move(self, key: str, allowed: tuple[ItemState, ...], sets: str, args: tuple[Any, ...]) -> None:
@@ -324,54 +471,73 @@ class Checkpoint:
                    "error_message = NULL", (self._now(),))
 
     def count_attempt(self, key: str) -> None:
-        """Recorded *before* each send, so a crash mid-request still counts the attempt."""
-        self._move(key, (ItemState.IN_PROGRESS,), "attempts = attempts + 1", ())
+        """Recorded *before* each send, so a crash mid-request still counts the attempt; ``in_flight``
+        stays set until the answer is recorded, so an unanswered attempt is known as possibly billed."""
+        self._move(key, (ItemState.IN_PROGRESS,), "attempts = attempts + 1, in_flight = 1", ())
 
-    def count_throttle(self, key: str) -> None:
-        self._move(key, (ItemState.IN_PROGRESS,), "throttles = throttles + 1", ())
+    def record_answer(self, key: str, *, throttled: bool = False, possibly_billed: bool = False) -> None:
+        """An attempt was answered with an error: throttled (never billed) or possibly billed."""
+        self._move(key, (ItemState.IN_PROGRESS,), "in_flight = 0, throttles = throttles + ?, "
+                   "possibly_billed = possibly_billed + ?", (int(throttled), int(possibly_billed)))
 
     def record_content_hash(self, key: str, sha256: str) -> None:
         self._move(key, (ItemState.IN_PROGRESS,), "content_sha256 = ?", (sha256,))
 
     def succeed(self, key: str, output_bytes: int, output_size: tuple[int, int] | None,
-                sent_size: tuple[int, int] | None = None, dedup_of: str | None = None) -> None:
+                sent_size: tuple[int, int] | None = None, dedup_of: str | None = None,
+                output_digest: str | None = None) -> None:
         out_w, out_h = output_size or (None, None)
         sent_w, sent_h = sent_size or (None, None)
-        self._move(key, (ItemState.IN_PROGRESS,), "state = 'succeeded', output_bytes = ?, output_width = ?, "
-                   "output_height = ?, sent_width = ?, sent_height = ?, dedup_of = ?, finished_at = ?",
-                   (output_bytes, out_w, out_h, sent_w, sent_h, dedup_of, self._now()))
+        self._move(key, (ItemState.IN_PROGRESS,), "state = 'succeeded', in_flight = 0, output_bytes = ?, "
+                   "output_digest = ?, output_width = ?, output_height = ?, sent_width = ?, sent_height = ?, "
+                   "dedup_of = ?, finished_at = ?",
+                   (output_bytes, output_digest, out_w, out_h, sent_w, sent_h, dedup_of, self._now()))
 
     def fail(self, key: str, code: str, message: str) -> None:
-        self._move(key, (ItemState.IN_PROGRESS,), "state = 'failed', error_code = ?, error_message = ?, "
-                   "finished_at = ?", (code, message[:2000], self._now()))
+        self._move(key, (ItemState.IN_PROGRESS,), "state = 'failed', in_flight = 0, error_code = ?, "
+                   "error_message = ?, failed_run = ?, finished_at = ?",
+                   (code, message[:2000], self.run_id, self._now()))
 
     def release(self, key: str) -> None:
-        """An item that was started but not finished (interrupted, or the run hit a fatal error)."""
-        self._move(key, (ItemState.IN_PROGRESS,), "state = 'pending'", ())
+        """An item that was started but not finished (interrupted, or the run hit a fatal error).
+
+        An attempt still on the wire when it was cancelled may have run: it counts as possibly billed.
+        """
+        self._move(key, (ItemState.IN_PROGRESS,), "state = 'pending', possibly_billed = possibly_billed + in_flight, "
+                   "in_flight = 0", ())
 
     def recover(self) -> int:
-        """At start: items a crashed run left in progress are pending again."""
+        """At start: items a crashed run left in progress are pending again (an attempt that was
+        sent and never answered counts as possibly billed, across runs)."""
         with self._transaction() as conn:
-            return conn.execute("UPDATE items SET state = 'pending' WHERE state = 'in_progress'").rowcount
+            return conn.execute("UPDATE items SET state = 'pending', possibly_billed = possibly_billed + in_flight, "
+                                "in_flight = 0 WHERE state = 'in_progress'").rowcount
 
-    def retry_failed(self) -> int:
+    def retry_failed(self, codes: Collection[str] | None = None) -> int:
+        """Failed items become pending again: all of them (``--retry-failed``), or those failed with
+        one of ``codes`` (failures that were the service's state, not a fact about the image)."""
+        where = "state = 'failed' AND gone = 0"
+        args: tuple[str, ...] = ()
+        if codes is not None:
+            where += f" AND error_code IN ({','.join('?' * len(codes))})"
+            args = tuple(codes)
         with self._transaction() as conn:
-            return conn.execute("UPDATE items SET state = 'pending', attempts = 0, throttles = 0, "
-                                "error_code = NULL, error_message = NULL WHERE state = 'failed' AND gone = 0"
-                                ).rowcount
+            return conn.execute("UPDATE items SET state = 'pending', attempts = 0, throttles = 0, possibly_billed = 0, "
+                                f"error_code = NULL, error_message = NULL, failed_run = NULL WHERE {where}",
+                                args).rowcount
 
     def retry_keys(self, keys: Iterable[str]) -> int:
         """``--only``: these failed items become pending again."""
         with self._transaction() as conn:
             return sum(conn.execute("UPDATE items SET state = 'pending', attempts = 0, throttles = 0, "
-                                    "error_code = NULL, error_message = NULL WHERE key = ? AND state = 'failed'",
-                                    (key,)).rowcount for key in keys)
+                                    "possibly_billed = 0, error_code = NULL, error_message = NULL, failed_run = NULL "
+                                    "WHERE key = ? AND state = 'failed'", (key,)).rowcount for key in keys)
 
     # ---- reading -------------------------------------------------------------------------
     def pending(self, after_seq: int, limit: int) -> list[WorkItem]:
         rows = self._conn.execute(
-            "SELECT key, seq, source, relpath, size, mtime_ns, output_path, format, width, height, raw_relpath "
-            "FROM items "
+            "SELECT key, seq, source, relpath, size, mtime_ns, output_path, format, width, height, raw_relpath, "
+            "possibly_billed FROM items "
             "WHERE state = 'pending' AND gone = 0 AND seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
         return [WorkItem(*row) for row in rows.fetchall()]
 
@@ -381,13 +547,33 @@ class Checkpoint:
             counts[ItemState(state)] = n
         return counts
 
-    def find_succeeded_copy(self, content_sha256: str, params_hash: str, key: str) -> tuple[str, str] | None:
-        """(key, output path) of another succeeded item with the same content and parameters."""
-        row = self._conn.execute(
-            "SELECT key, output_path FROM items WHERE content_sha256 = ? AND params_hash = ? AND key <> ? "
-            "AND state = 'succeeded' AND output_path IS NOT NULL ORDER BY seq LIMIT 1",
-            (content_sha256, params_hash, key)).fetchone()
-        return None if row is None else (str(row[0]), str(row[1]))
+    def new_failures(self, run_id: int) -> int:
+        """Live items that failed in run ``run_id`` (refused at its scan, or failed while sending)."""
+        row = self._conn.execute("SELECT COUNT(*) FROM items WHERE state = 'failed' AND gone = 0 AND failed_run = ?",
+                                 (run_id,)).fetchone()
+        return int(row[0])
+
+    def failed_by_run(self, run_id: int) -> dict[str, int]:
+        """Live items that failed in run ``run_id``, by reason."""
+        rows = self._conn.execute("SELECT COALESCE(error_code, 'unknown'), COUNT(*) FROM items WHERE state = 'failed' "
+                                  "AND gone = 0 AND failed_run = ? GROUP BY 1 ORDER BY 1", (run_id,))
+        return {str(code): int(n) for code, n in rows.fetchall()}
+
+    def failed_in_run(self, run_id: int, limit: int) -> list[tuple[str, str, str]]:
+        """(source, relpath, message) of the first ``limit`` items that failed in run ``run_id``."""
+        rows = self._conn.execute("SELECT source, relpath, COALESCE(error_message, error_code, '') FROM items "
+                                  "WHERE state = 'failed' AND gone = 0 AND failed_run = ? ORDER BY seq LIMIT ?",
+                                  (run_id, limit))
+        return [(str(a), str(b), str(c)) for a, b, c in rows.fetchall()]
+
+    def succeeded_copies(self, content_sha256: str, params_hash: str, key: str) -> list[OutputCopy]:
+        """Succeeded items (live ones first) with the same content and parameters: candidates whose
+        output de-duplication may copy once the file on disk is proven to be what was recorded."""
+        rows = self._conn.execute(
+            "SELECT key, output_path, output_bytes, output_digest, gone FROM items WHERE content_sha256 = ? "
+            "AND params_hash = ? AND key <> ? AND state = 'succeeded' AND output_path IS NOT NULL "
+            "ORDER BY gone, seq LIMIT 8", (content_sha256, params_hash, key))
+        return [OutputCopy(str(k), str(p), n, d, bool(g)) for k, p, n, d, g in rows.fetchall()]
 
     def reasons(self, state: ItemState) -> dict[str, int]:
         """Live items in ``state`` counted by error code (skips and failures by reason)."""
@@ -396,23 +582,16 @@ class Checkpoint:
         return {str(code): int(n) for code, n in rows.fetchall()}
 
     def totals(self) -> dict[str, float]:
-        """Job-wide sums for metrics: attempts, throttles, retries, de-duplicated, last success time."""
+        """Job-wide sums for metrics: attempts, throttles, retries, de-duplicated, last success time,
+        and attempts that may have been billed without their answer being received."""
         row = self._conn.execute(
             "SELECT COALESCE(SUM(attempts), 0), COALESCE(SUM(throttles), 0), "
             "COALESCE(SUM(MAX(attempts - 1, 0)), 0), COUNT(dedup_of), "
-            "COALESCE(MAX(CASE WHEN state = 'succeeded' THEN finished_at END), 0) FROM items WHERE gone = 0"
+            "COALESCE(MAX(CASE WHEN state = 'succeeded' THEN finished_at END), 0), "
+            "COALESCE(SUM(possibly_billed), 0) FROM items WHERE gone = 0"
         ).fetchone()
-        return dict(zip(("attempts", "throttles", "retries", "deduplicated", "last_success"),
+        return dict(zip(("attempts", "throttles", "retries", "deduplicated", "last_success", "possibly_billed"),
                         (float(v) for v in row), strict=True))
-
-    def succeeded_hashes_by_size(self) -> dict[int, set[str]]:
-        """Content hashes of succeeded items, by file size (what a pending duplicate could reuse)."""
-        found: dict[int, set[str]] = {}
-        rows = self._conn.execute("SELECT size, content_sha256 FROM items WHERE state = 'succeeded' AND gone = 0 "
-                                  "AND content_sha256 IS NOT NULL")
-        for size, digest in rows:
-            found.setdefault(int(size), set()).add(str(digest))
-        return found
 
     def state_of(self, key: str) -> ItemState | None:
         row = self._conn.execute("SELECT state FROM items WHERE key = ?", (key,)).fetchone()
@@ -429,16 +608,29 @@ class Checkpoint:
     def begin_run(self) -> int:
         with self._transaction() as conn:
             cur = conn.execute("INSERT INTO runs (started_at) VALUES (?)", (self._now(),))
-            return int(cur.lastrowid or 0)
+            self.run_id = int(cur.lastrowid or 0)
+        return self.run_id
 
     def finish_run(self, run_id: int, exit_code: int, requests: int, throttles: int, *,
-                   rate_mode: str | None = None, final_rpm: float | None = None, spent_usd: float = 0.0) -> None:
+                   rate_mode: str | None = None, final_rpm: float | None = None, spent_usd: float = 0.0,
+                   stop_reason: str | None = None) -> None:
         with self._transaction() as conn:
             conn.execute("UPDATE runs SET finished_at = ?, exit_code = ?, requests = ?, throttles = ?, "
-                         "rate_mode = ?, final_rpm = ?, spent_usd = ? WHERE id = ?",
-                         (self._now(), exit_code, requests, throttles, rate_mode, final_rpm, spent_usd, run_id))
+                         "rate_mode = ?, final_rpm = ?, spent_usd = ?, stop_reason = ? WHERE id = ?",
+                         (self._now(), exit_code, requests, throttles, rate_mode, final_rpm, spent_usd,
+                          stop_reason, run_id))
 
     def runs(self) -> list[dict[str, Any]]:
         cur = self._conn.execute("SELECT * FROM runs ORDER BY id")
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def _storage_problem(exc: sqlite3.OperationalError) -> bool:
+    """The state disk is full or failing (SQLITE_FULL, SQLITE_IOERR and its extended codes)."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN)
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)

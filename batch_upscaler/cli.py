@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from batch_upscaler.catalogue import ModelName
 from batch_upscaler.checkpoint import Checkpoint
 from batch_upscaler.errors import ExitCode, UpscalerError, UsageError
 from batch_upscaler.logformat import JsonFormatter, text_formatter
-from batch_upscaler.manifest import default_settings, load_settings
+from batch_upscaler.manifest import default_settings, load_settings, parse_duration
 from batch_upscaler.settings import Backend, JobSettings, RunOptions
 
 log = logging.getLogger("batch_upscaler")
@@ -114,11 +113,10 @@ def _positive_int(text: str) -> int:
 
 def _duration(text: str) -> float:
     """Seconds from '3600', '90s', '45m', '6h' or '1h30m'."""
-    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
-    if not text.strip() or match is None:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 3600, 90m, 5h30m)")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    return hours * 3600 + minutes * 60 + seconds
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _rate(text: str) -> float | str:

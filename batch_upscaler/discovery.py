@@ -199,6 +199,42 @@ class Discovery:
         text, raw = storable(relpath)
         return Found(root.spec, text, path, st.st_size, st.st_mtime_ns, kind, raw)
 
+    def claims(self, path: Path) -> SourceRoot | None:
+        """The source that would read ``path`` (a file that may not exist yet) as an input, or None.
+
+        The scan asks this of every output path: an output that a source would discover is an
+        original overwritten in place, or an upscale that the next run would upscale (and pay for)
+        again. Links in existing parents are resolved, as the walk would follow them.
+        """
+        real = Path(os.path.realpath(path.parent)) / path.name
+        for root in self.roots:
+            root_real = Path(os.path.realpath(root.root))
+            if root.single_file:
+                if real == root_real:
+                    return root
+                continue
+            if real == root_real or not real.is_relative_to(root_real) or self._pruned_between(root_real, real):
+                continue
+            relpath = real.relative_to(root_real).as_posix()
+            if any(part.startswith(".") for part in relpath.split("/")) or not is_image_name(relpath):
+                continue
+            if root.pattern is not None and not wcglob.globmatch(relpath, root.pattern, flags=_GLOB_FLAGS):
+                continue
+            if not self._excluded(real, relpath):
+                return root
+        return None
+
+    def _pruned_between(self, top: Path, path: Path) -> bool:
+        """A pruned directory (the output or state directory) lies between ``top`` and ``path``."""
+        for directory in [top, *path.relative_to(top).parents[:-1][::-1]]:
+            candidate = directory if directory == top else top / directory
+            try:
+                if _identity(candidate) in self._prune:
+                    return True
+            except OSError:
+                return False  # not there yet: nothing below it is pruned either
+        return False
+
     def _excluded(self, path: Path, relpath: str) -> bool:
         """Excludes match the path below the source root or below the manifest's directory."""
         if not self.exclude:

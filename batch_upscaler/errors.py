@@ -10,6 +10,8 @@ code, so the mapping lives here and nowhere else::
     ├── FatalBackendError         3  the whole run cannot succeed (auth, model access)
     ├── JobLockedError            4  another run of the same job holds the lock
     └── Interrupted              75  stopped by a signal or a cap; run again to resume
+        ├── StateUnavailable     75  the checkpoint cannot be written (state disk full, database busy too long)
+        └── OutputUnavailable    75  the output storage refuses writes (disk full, read-only, quota)
     (any other exception)        70  a bug: one line on stderr, the traceback with -v
 
 Per-item problems are *not* exceptions: they are recorded as data in the checkpoint.
@@ -76,3 +78,17 @@ class Interrupted(UpscalerError):
     """The run stopped early on request; the checkpoint is consistent and resumable."""
 
     exit_code = ExitCode.INTERRUPTED
+
+
+class StateUnavailable(Interrupted):
+    """The checkpoint cannot be written now (its disk is full, or another process holds it too long).
+
+    A run-level stop, never an item failure: nothing recorded is lost, and the next run resumes.
+    """
+
+
+class OutputUnavailable(Interrupted):
+    """The output storage refuses writes (ENOSPC, EROFS, EDQUOT): stop before paying for more.
+
+    Items stay pending; images already returned are kept in ``<state_dir>/unsent-outputs/``.
+    """

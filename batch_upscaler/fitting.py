@@ -5,11 +5,17 @@ the worker uses the same answer to prepare the pixels. The order is fixed: orien
 rotation changes which side is the width), aspect ratio (pad or skip), too small (enlarge or
 skip), too large (downscale or skip). Padding is remembered as a content box so the padding can be
 cropped off the returned image and the output keeps the source's aspect ratio.
+
+Given the model's output size rule, the plan also knows the output's size before anything is
+paid: an upscale that would come back no larger than the source (``no_gain``: a 4000x3000
+photo downscaled to fit comes back 3593x2695) or whose picture would be a sliver inside the
+padding (``degenerate_aspect``: a 1x100000 strip) is refused.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from batch_upscaler.catalogue import InputLimits, Rejection, check_image
@@ -36,14 +42,45 @@ class Fit:
     def as_is(self) -> bool:
         return not self.reasons
 
+    def output_content_size(self, output_size: tuple[int, int]) -> tuple[float, float]:
+        """The size the source's picture has in an output of ``output_size`` (padding cropped off)."""
+        left, top, right, bottom = self.content_box or (0, 0, *self.sent_size)
+        return (output_size[0] * (right - left) / self.sent_size[0],
+                output_size[1] * (bottom - top) / self.sent_size[1])
+
     def output_scale(self, sent_output_width: int) -> float:
         """Output width ÷ source width, for an output whose (uncropped) width is given."""
         content_width = self.sent_size[0] if self.content_box is None else self.content_box[2] - self.content_box[0]
         return sent_output_width * content_width / self.sent_size[0] / self.upright_size[0]
 
 
-def fit(header: ImageHeader, limits: InputLimits, prepare: PrepareSettings) -> Fit | Rejection:
-    """The plan for this image, or why it must be skipped."""
+OutputSizeRule = Callable[[int, int], tuple[int, int]]
+
+
+def fit(header: ImageHeader, limits: InputLimits, prepare: PrepareSettings,
+        output_size: OutputSizeRule | None = None) -> Fit | Rejection:
+    """The plan for this image, or why it must be skipped; with the model's ``output_size`` rule,
+    also refuses images whose upscale would not be larger than the source."""
+    plan = _fit(header, limits, prepare)
+    if isinstance(plan, Fit) and output_size is not None:
+        return _gain_problem(plan, output_size(*plan.sent_size), prepare.min_gain) or plan
+    return plan
+
+
+def _gain_problem(plan: Fit, output: tuple[int, int], min_gain: float) -> Rejection | None:
+    width, height = plan.upright_size
+    content = plan.output_content_size(output)
+    if min(content) < 1 or (plan.content_box is not None and min(
+            plan.content_box[2] - plan.content_box[0], plan.content_box[3] - plan.content_box[1]) < 2):
+        return Rejection("degenerate_aspect", f"{width}x{height} would be {content[0]:.0f}x{content[1]:.0f} px "
+                         "inside the padding the model needs (aspect ratio too extreme)")
+    if content[0] <= width * min_gain or content[1] <= height * min_gain:
+        relation = "≤ source" if min_gain == 1.0 else f"is not {min_gain:g}x larger than source"
+        return Rejection("no_gain", f"output {content[0]:.0f}x{content[1]:.0f} {relation} {width}x{height}")
+    return None
+
+
+def _fit(header: ImageHeader, limits: InputLimits, prepare: PrepareSettings) -> Fit | Rejection:
     reasons: list[str] = []
     rotate = prepare.apply_orientation and header.orientation != 1
     if rotate:

@@ -30,6 +30,7 @@ from batch_upscaler.settings import (
     JobSettings,
     Limits,
     MetadataSettings,
+    NameCompare,
     OutputFormat,
     Oversize,
     PrepareSettings,
@@ -41,15 +42,16 @@ Check = Callable[[Any], str | None]
 # Deployment defaults; config/batch-upscaler.yaml in the repo documents and may override them.
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "backend": "bedrock",
-    "output": {"format": "png"},
+    "output": {"format": "png", "name_compare": "casefold", "shared": False},
     "bedrock": {"region": "us-east-1", "endpoint_url": None, "profile": None},
     "limits": {"concurrency": 4, "requests_per_minute": 30, "max_attempts": 6,
-               "read_timeout_s": 300, "connect_timeout_s": 10, "backoff_base_s": 2, "backoff_max_s": 60},
+               "read_timeout_s": 300, "connect_timeout_s": 10, "backoff_base_s": 2, "backoff_max_s": 60,
+               "retry_after_max_s": 60, "possibly_billed_resends": 1, "outage_errors": 8, "outage_wait": "15m"},
     "region_prefixes": {"us-east-1": "us", "us-east-2": "us", "us-west-2": "us"},
     "models": {},
     "emulator": {"output_max_pixels": None, "latency_s": 0, "quota_rpm": None},
     "prepare": {"orientation": "apply", "oversize": "downscale", "undersize": "skip", "aspect": "pad",
-                "alpha": "flatten", "background": "#ffffff"},
+                "alpha": "flatten", "background": "#ffffff", "min_gain": 1.0},
 }
 
 
@@ -111,6 +113,28 @@ def job_name(v: Any) -> str | None:
     return f"must be 1-64 letters, digits, '.', '_' or '-' (it names files), got {v!r}"
 
 
+def parse_duration(value: float | int | str) -> float:
+    """Seconds from a number, or from text such as '3600', '90s', '45m', '6h' or '1h30m'."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"not a duration: {value!r}")
+        return float(value)
+    text = str(value).strip()
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
+    if not text or match is None:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 3600, 90m, 5h30m)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def duration(v: Any) -> str | None:
+    try:
+        parse_duration(v)
+    except (ValueError, TypeError):
+        return f"must be a duration such as 900, 90s, 15m or 1h30m, got {v!r}"
+    return None
+
+
 def boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else f"must be true or false, got {_type_name(v)} {v!r}"
 
@@ -140,6 +164,10 @@ _LIMITS = {
     "backoff_base_s": Key(number(0)),
     "backoff_max_s": Key(number(0)),
     "max_cost_usd": Key(optional(number(0))),
+    "retry_after_max_s": Key(number(0)),
+    "possibly_billed_resends": Key(number(0, 10, whole=True)),
+    "outage_errors": Key(number(1, whole=True)),
+    "outage_wait": Key(duration),
 }
 _BEDROCK = {"region": Key(is_str), "endpoint_url": Key(optional(url)), "profile": Key(optional(is_str))}
 _EMULATOR = {
@@ -159,6 +187,8 @@ MANIFEST_SCHEMA: Mapping[str, Key] = {
         "dir": Key(is_str, required=True),
         "format": Key(choice(*OutputFormat)),
         "naming": Key(naming_template),
+        "name_compare": Key(choice(*NameCompare)),
+        "shared": Key(boolean),
         "metadata": Key(children={k: Key(boolean) for k in ("exif", "gps", "icc", "mtime")}),
     }),
     "prepare": Key(children={
@@ -168,6 +198,7 @@ MANIFEST_SCHEMA: Mapping[str, Key] = {
         "aspect": Key(choice(*AspectPolicy)),
         "alpha": Key(choice(*AlphaPolicy)),
         "background": Key(colour),
+        "min_gain": Key(number(above=0)),
     }),
     # Parameter values are checked against the model catalogue after merging (see _check_model).
     "model": Key(required=True, children={"name": Key(choice(*ModelName), required=True),
@@ -310,7 +341,10 @@ def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: di
                     max_attempts=int(lim["max_attempts"]), read_timeout_s=float(lim["read_timeout_s"]),
                     connect_timeout_s=float(lim["connect_timeout_s"]), backoff_base_s=float(lim["backoff_base_s"]),
                     backoff_max_s=float(lim["backoff_max_s"]),
-                    max_cost_usd=None if lim.get("max_cost_usd") is None else float(lim["max_cost_usd"]))
+                    max_cost_usd=None if lim.get("max_cost_usd") is None else float(lim["max_cost_usd"]),
+                    retry_after_max_s=float(lim["retry_after_max_s"]),
+                    possibly_billed_resends=int(lim["possibly_billed_resends"]),
+                    outage_errors=int(lim["outage_errors"]), outage_wait_s=parse_duration(lim["outage_wait"]))
     return JobSettings(
         name=merged["name"],
         manifest_path=manifest_path.resolve(),
@@ -331,6 +365,8 @@ def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: di
         report_dir=report_dir,
         emulator=EmulatorSettings(**merged["emulator"]),
         naming=merged["output"].get("naming", DEFAULT_TEMPLATE),
+        name_compare=NameCompare(merged["output"]["name_compare"]),
+        output_shared=bool(merged["output"]["shared"]),
         prepare=_prepare(merged["prepare"]),
         metadata=MetadataSettings(**merged["output"].get("metadata", {})),
     )
@@ -345,6 +381,7 @@ def _prepare(section: dict[str, Any]) -> PrepareSettings:
         aspect=AspectPolicy(section["aspect"]),
         alpha=AlphaPolicy(section["alpha"]),
         background=(int(rgb[0:2], 16), int(rgb[2:4], 16), int(rgb[4:6], 16)),
+        min_gain=float(section["min_gain"]),
     )
 
 

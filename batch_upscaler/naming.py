@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import posixpath
 import string
+import unicodedata
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+
+from batch_upscaler.settings import NameCompare
 
 FIELDS = frozenset({"relpath", "stem", "ext", "model", "scale"})
 DEFAULT_TEMPLATE = "{relpath}"
@@ -57,3 +60,15 @@ def render(template: str, parts: NameParts, extension: str) -> str:
     if any(part.startswith(".") for part in rel.parts):
         raise NamingError(f"output path {rel} has a hidden component (reserved for temporary files)")
     return rel.as_posix()
+
+
+def fold(path: str, mode: NameCompare) -> str:
+    """``path`` as the output filesystem compares names, for output ownership.
+
+    Two items whose outputs fold to the same text would write one file: ``a.PNG`` and ``a.png`` on
+    a case-insensitive volume, or an NFC and an NFD ``é`` on one that normalises names.
+    """
+    if mode is NameCompare.EXACT:
+        return path
+    normal = unicodedata.normalize("NFC", path)
+    return unicodedata.normalize("NFC", normal.casefold()) if mode is NameCompare.CASEFOLD else normal

@@ -44,6 +44,7 @@ class Payload:
     plan: Fit
     sent: Prepared
     metadata: SourceMetadata  # what the output will carry
+    output_format: str = "png"  # the format asked of the model for this image (png | jpeg | webp)
 
 
 def build_body(image: bytes, params: Mapping[str, Any]) -> bytes:
@@ -68,7 +69,7 @@ def build_payload(path: Path, expected_size: int, settings: JobSettings) -> Payl
     cut = truncation(data, header.pil_format)
     if cut is not None:
         raise PayloadError("truncated", cut)
-    plan = fit(header, settings.model.limits, settings.prepare)
+    plan = fit(header, settings.model.limits, settings.prepare, settings.model.output_size)
     if not isinstance(plan, Fit):
         raise PayloadError(plan.code, plan.detail)
     try:
@@ -76,10 +77,11 @@ def build_payload(path: Path, expected_size: int, settings: JobSettings) -> Payl
     except (PrepareError, OSError, ValueError, SyntaxError) as exc:
         code = "truncated" if "truncated" in str(exc) else "cannot_prepare"
         raise PayloadError(code, str(exc)) from None
-    params = {**settings.params, "output_format": settings.output_format.for_source(header.pil_format).value}
+    output_format = settings.output_format.for_source(header.pil_format).value
+    params = {**settings.params, "output_format": output_format}
     body = build_body(sent.image, params)
     if len(body) > MAX_BODY_BYTES:  # prepare_image keeps under the cap; this guards the JSON overhead
         raise PayloadError("body_too_large", f"request body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
     metadata = carried_metadata(read_metadata(data), settings.metadata,
                                 colour_converted=header.mode in _COLOUR_CONVERTING_MODES)
-    return Payload(body, hashlib.sha256(data).hexdigest(), plan, sent, metadata)
+    return Payload(body, hashlib.sha256(data).hexdigest(), plan, sent, metadata, output_format)

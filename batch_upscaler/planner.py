@@ -1,9 +1,11 @@
 """``plan``: what a run would do now, without sending anything or changing the checkpoint.
 
-It runs the run's own first half (recover, scan, ``--retry-failed``) inside a checkpoint
-transaction that is rolled back, so its counts are the ones the run will see. Requests are the
-pending items minus the ones de-duplication will copy: identical content needs identical size, so
-only files whose size is shared are read and hashed.
+It runs the run's own first half (recover, scan with every check made before paying, the
+failures to retry) on an in-memory snapshot of the checkpoint, so its counts are the ones the run
+will see, it takes no lock (a running job is not disturbed, and ``plan`` works beside it), and
+nothing it does is ever written back. Requests are the pending items minus the ones
+de-duplication will copy: identical content needs identical size, so only files whose size is
+shared are read and hashed.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState, WorkItem
-from batch_upscaler.discovery import Discovery
-from batch_upscaler.joblock import JobLock
 from batch_upscaler.outputs import LocalOutputStore
-from batch_upscaler.runner import resolve_sources
-from batch_upscaler.scan import Scanner, file_sha256
-from batch_upscaler.settings import JobSettings, RunOptions
+from batch_upscaler.runner import prepare_items
+from batch_upscaler.scan import file_sha256
+from batch_upscaler.settings import JobSettings, RunOptions, request_fingerprint
+from batch_upscaler.signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,9 @@ class Plan:
     to_process: int = 0
     deduplicated: int = 0
     requests: int = 0
-    skipped_by_reason: dict[str, int] = field(default_factory=dict)
-    failed_by_reason: dict[str, int] = field(default_factory=dict)  # not retried without --retry-failed
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)  # no_gain among them: paid, it would shrink
+    refused_by_reason: dict[str, int] = field(default_factory=dict)  # found unusable by this plan's checks
+    failed_by_reason: dict[str, int] = field(default_factory=dict)  # failed in earlier runs, not retried
     price_per_image_usd: float = 0.0
     estimated_cost_usd: float = 0.0
     requests_per_minute: float | None = None  # None: auto
@@ -48,37 +50,35 @@ class Plan:
 
 
 def plan_job(settings: JobSettings, options: RunOptions) -> Plan:
-    """The plan for the next ``run`` with these options (takes the job lock: exit 4 if one runs)."""
-    with JobLock(settings.lock_path, settings.name):
-        checkpoint = Checkpoint.open(settings.checkpoint_path, settings.name)
-        try:
-            with checkpoint.dry_run():
-                return _plan(settings, options, checkpoint)
-        finally:
-            checkpoint.close()
+    """The plan for the next ``run`` with these options, from a snapshot of the checkpoint."""
+    checkpoint = Checkpoint.snapshot(settings.checkpoint_path, settings.name)
+    try:
+        return _plan(settings, options, checkpoint)
+    finally:
+        checkpoint.close()
 
 
 def _plan(settings: JobSettings, options: RunOptions, checkpoint: Checkpoint) -> Plan:
+    run_id = checkpoint.begin_run()
     checkpoint.recover()
-    roots = resolve_sources(settings)
     outputs = LocalOutputStore(settings.output_dir)
-    discovery = Discovery(roots.values(), settings.exclude, prune=(settings.output_dir, settings.state_dir),
-                          base_dir=settings.base_dir)
-    summary = Scanner(settings, checkpoint, outputs, quiet=True).run(discovery)
-    if options.retry_failed:
-        checkpoint.retry_failed()
+    outputs.check_claim(settings.name, settings.output_shared)
+    roots, summary = prepare_items(settings, options, checkpoint, outputs, StopSignals(), quiet=True)
+    refused = checkpoint.failed_by_run(run_id)
+    earlier = {code: n - refused.get(code, 0) for code, n in checkpoint.reasons(ItemState.FAILED).items()}
     counts = checkpoint.counts()
     pending = list(_pending(checkpoint))
     if options.limit is not None:
         pending = pending[: options.limit]
-    duplicates = count_duplicates(pending, checkpoint, {spec: root for spec, root in roots.items()})
+    duplicates = count_duplicates(pending, checkpoint, dict(roots), outputs, request_fingerprint(settings))
     requests = len(pending) - duplicates
     rpm = settings.limits.requests_per_minute
     return Plan(
         job=settings.name, model_id=settings.model_id, files_found=summary.discovered, new=summary.new,
         changed=summary.changed, unchanged=summary.unchanged, already_done=counts[ItemState.SUCCEEDED],
         to_process=len(pending), deduplicated=duplicates, requests=requests,
-        skipped_by_reason=checkpoint.reasons(ItemState.SKIPPED), failed_by_reason=checkpoint.reasons(ItemState.FAILED),
+        skipped_by_reason=checkpoint.reasons(ItemState.SKIPPED), refused_by_reason=refused,
+        failed_by_reason={code: n for code, n in earlier.items() if n},
         price_per_image_usd=settings.model.price_usd, estimated_cost_usd=round(requests * settings.model.price_usd, 2),
         requests_per_minute=rpm, estimated_minutes=round(requests / rpm, 3) if rpm else None,
     )
@@ -91,8 +91,10 @@ def _pending(checkpoint: Checkpoint) -> list[WorkItem]:
     return items
 
 
-def count_duplicates(pending: list[WorkItem], checkpoint: Checkpoint, roots: dict[str, Any]) -> int:
-    """Pending items whose content equals an earlier pending item's or a succeeded one's."""
+def count_duplicates(pending: list[WorkItem], checkpoint: Checkpoint, roots: dict[str, Any],
+                     outputs: LocalOutputStore, params_hash: str) -> int:
+    """Pending items whose content equals an earlier pending item's, or a succeeded one's whose
+    output is still provably there (as the run's de-duplication requires before it copies)."""
     done = checkpoint.succeeded_hashes_by_size()
     sizes = Counter(item.size for item in pending)
     seen: set[str] = set()
@@ -104,7 +106,9 @@ def count_duplicates(pending: list[WorkItem], checkpoint: Checkpoint, roots: dic
             digest = file_sha256(roots[item.source].path_of(item.fs_relpath))
         except OSError:
             continue
-        if digest in seen or digest in done.get(item.size, set()):
+        if digest in seen or (digest in done.get(item.size, set()) and any(
+                outputs.verify(c.output_path, c.output_bytes, c.output_digest)
+                for c in checkpoint.succeeded_copies(digest, params_hash, item.key))):
             duplicates += 1
         seen.add(digest)
     return duplicates
@@ -125,7 +129,8 @@ def render_plan(plan: Plan) -> str:
         f"  to process        {plan.to_process}",
         f"  requests          {plan.requests} ({plan.deduplicated} duplicates will be copied, not sent)",
     ]
-    for title, reasons in (("will be skipped", plan.skipped_by_reason), ("failed earlier", plan.failed_by_reason)):
+    for title, reasons in (("will be skipped", plan.skipped_by_reason), ("will be refused", plan.refused_by_reason),
+                           ("failed earlier", plan.failed_by_reason)):
         for reason, n in reasons.items():
             lines.append(f"  {title:<17} {n} {reason}")
     lines.append(f"  estimated cost    ${plan.estimated_cost_usd:.2f} at ${plan.price_per_image_usd:.2f}/image "

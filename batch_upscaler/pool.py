@@ -2,18 +2,23 @@
 
 Structured concurrency: one TaskGroup holds a producer (pages pending items out of the
 checkpoint into a bounded queue) and ``concurrency`` workers. The concurrency cap (number of
-workers) and the rate limiter are separate dials. Each item moves through the checkpoint's
-state machine; a worker that is cancelled or stopped mid-item puts it back to pending, so the
-checkpoint is consistent at any instant. A fatal backend error (credentials, model access) ends
-the group at once, leaving every unfinished item pending.
+workers) and the rate limiter are separate dials; the outage breaker pauses them all while the
+service is down. Each item moves through the checkpoint's state machine; a worker that is
+cancelled or stopped mid-item puts it back to pending, so the checkpoint is consistent at any
+instant. A fatal backend error (credentials, model access) or a checkpoint that cannot be written
+ends the group at once, leaving every unfinished item pending.
 
-Stopping: when ``stop`` is set (first Ctrl-C/SIGTERM, or a cap), no new item starts and items in
-back-off are released; requests already in flight finish and are recorded.
+Stopping: when ``stop`` is set (first Ctrl-C/SIGTERM, a cap, a full output disk, an outage that
+lasted too long), no new request starts — the event is checked after every wait (the rate
+limiter, a back-off, a Retry-After, the outage breaker) — and items in back-off are released;
+requests already in flight finish and are recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import itertools
 import logging
 import random
@@ -23,18 +28,25 @@ from typing import Protocol
 
 from batch_upscaler.budget import Budget
 from batch_upscaler.checkpoint import Checkpoint, ItemState, WorkItem
-from batch_upscaler.clock import Clock
+from batch_upscaler.clock import Clock, sleep_unless
 from batch_upscaler.discovery import SourceRoot, printable
-from batch_upscaler.errors import FatalBackendError
+from batch_upscaler.errors import FatalBackendError, OutputUnavailable, StateUnavailable
 from batch_upscaler.finishing import Finished, finish, image_size
+from batch_upscaler.imagecheck import StructureError, check_encoded
+from batch_upscaler.outage import Admission, Breaker
 from batch_upscaler.outputs import OutputPathError, OutputStore
 from batch_upscaler.payload import Payload, PayloadError, build_payload
 from batch_upscaler.ratelimit import RateLimiter
-from batch_upscaler.retry import Action, AttemptError, Backoff, decide, possibly_billed
+from batch_upscaler.retry import Action, AttemptError, Backoff, decide, is_service_state, possibly_billed
 from batch_upscaler.settings import JobSettings, request_fingerprint
+from batch_upscaler.unsent import UnsentNote, UnsentOutputs
 
 log = logging.getLogger(__name__)
 _PAGE = 256
+# Outcomes that are no answer at all: they say nothing about whether the service works.
+_NO_ANSWER = frozenset({"read_timeout", "response_interrupted", "no_credentials"})
+# Run-level stops that must end the group at once rather than cost one item.
+_RUN_LEVEL = (FatalBackendError, StateUnavailable, asyncio.CancelledError)
 
 
 class Invoker(Protocol):
@@ -55,7 +67,8 @@ class WorkerPool:
                  clock: Clock, rng: random.Random, stop: asyncio.Event,
                  on_done: Callable[[ItemState], None] = lambda state: None, limit: int | None = None,
                  budget: Budget | None = None, request_stop: Callable[[str], None] | None = None,
-                 only: frozenset[str] | None = None) -> None:
+                 only: frozenset[str] | None = None, breaker: Breaker | None = None,
+                 unsent: UnsentOutputs | None = None, name_of: Callable[[WorkItem], str] | None = None) -> None:
         self.settings = settings
         self.checkpoint = checkpoint
         self.invoker = invoker
@@ -70,7 +83,13 @@ class WorkerPool:
         self.only = only  # item keys; None means every pending item
         self.budget = budget or Budget(settings.model.price_usd, settings.limits.max_cost_usd)
         self.request_stop = request_stop or (lambda reason: stop.set())
-        self.backoff = Backoff(settings.limits.backoff_base_s, settings.limits.backoff_max_s)
+        limits = settings.limits
+        self.breaker = breaker or Breaker(clock, threshold=limits.outage_errors, max_wait_s=limits.outage_wait_s,
+                                          first_probe_s=max(limits.backoff_base_s, 0.01),
+                                          max_probe_s=max(limits.backoff_max_s, 0.01))
+        self.unsent = unsent or UnsentOutputs(settings.state_dir)
+        self.name_of = name_of or (lambda item: f"{item.source}:{item.relpath}")
+        self.backoff = Backoff(limits.backoff_base_s, limits.backoff_max_s)
         self.stats = PoolStats()
         self.params_hash = request_fingerprint(settings)
         self._in_flight: dict[str, asyncio.Future[None]] = {}  # content sha256 -> its upscale
@@ -114,17 +133,18 @@ class WorkerPool:
         try:
             try:
                 state = await self._run_item(item)
-            except (FatalBackendError, asyncio.CancelledError):
+            except _RUN_LEVEL:
                 raise
             except Exception as exc:  # a bug or an unforeseen input must cost one item, not the run
-                log.exception("unexpected error on %s", printable(item.key))
+                log.exception("unexpected error on %s", printable(self.name_of(item)))
                 state = self._fail(item, "internal_error", f"internal_error: {type(exc).__name__}: {exc}")
             finished = state is not None
             if state is not None:
                 self.on_done(state)
         finally:
-            if not finished:  # cancelled, stopped in back-off, or a fatal error elsewhere
-                self.checkpoint.release(item.key)
+            if not finished:  # cancelled, stopped in back-off, or a run-level stop elsewhere
+                with contextlib.suppress(StateUnavailable):  # then recover() does it at the next start
+                    self.checkpoint.release(item.key)
 
     async def _run_item(self, item: WorkItem) -> ItemState | None:
         """Drive one item to succeeded/failed; None means it was released unfinished."""
@@ -153,53 +173,106 @@ class WorkerPool:
             leader.set_result(None)
 
     async def _copy_duplicate(self, item: WorkItem, digest: str, payload: Payload) -> ItemState | None:
-        """Identical content and parameters already succeeded: copy its output, pay nothing."""
-        found = self.checkpoint.find_succeeded_copy(digest, self.params_hash, item.key)
-        if found is None:
-            return None
-        original_key, original_output = found
-        try:
-            data = await asyncio.to_thread(self.outputs.read, original_output)
-        except OSError:
-            return None  # the earlier output is gone: upscale again
-        state = await self._write(item, Finished((data,), image_size(data)), payload, dedup_of=original_key)
-        self.stats.deduplicated += 1
-        return state
+        """Identical content and parameters already succeeded: copy its output, pay nothing.
+
+        Only an output proven to be what was recorded for that content and those parameters is
+        copied (its size and digest checked against the file now on disk): a stale file left at a
+        path that a later run rewrote is never handed out as another image's upscale.
+        """
+        for candidate in self.checkpoint.succeeded_copies(digest, self.params_hash, item.key):
+            data = await asyncio.to_thread(self.outputs.read_verified, candidate.output_path,
+                                           candidate.output_bytes, candidate.output_digest)
+            if data is None:
+                continue  # changed, gone, or not provable: upscale again rather than copy a stranger
+            state = await self._write(item, Finished((data,), image_size(data)), payload, dedup_of=candidate.key)
+            if state is ItemState.SUCCEEDED:
+                self.stats.deduplicated += 1
+            return state
+        return None
 
     async def _attempts(self, item: WorkItem, payload: Payload) -> bytes | AttemptError | None:
-        billed_failures = 0
+        """Attempts until an image comes back, the item fails, or the run stops (None)."""
+        limits = self.settings.limits
+        billed_cap = limits.possibly_billed_resends + 1
+        billed = item.possibly_billed  # earlier runs' attempts that were sent and never answered
+        if billed >= billed_cap:
+            return AttemptError("possibly_billed_cap", f"{billed} earlier attempt(s) may have been billed without "
+                                "an answer; not sent again (run with --retry-failed to try once more)")
+        service_mark: int | None = None  # breaker.healthy when this item's run of service errors began
         for attempt in itertools.count(1):
-            if not self.budget.reserve():
-                self.request_stop("max-cost")
+            admission = await self.breaker.admit(self.stop)
+            if admission is Admission.GIVE_UP:
+                self.request_stop(f"service unreachable since {_clock_time(self.breaker.down_since_wall)}")
+            if admission in (Admission.GIVE_UP, Admission.STOP):
                 return None
-            await self.limiter.acquire()
-            self.checkpoint.count_attempt(item.key)
-            self.stats.requests += 1
-            result = await self.invoker.invoke(payload.body)
+            probe = admission is Admission.PROBE
+            result = await self._send(item, payload)
+            if result is None:
+                if probe:
+                    self.breaker.abandon_probe()
+                return None
             if isinstance(result, bytes):
+                self.breaker.on_healthy()
                 self.limiter.on_success()
                 return result
-            billed_failures += possibly_billed(result)
-            decision = decide(result, attempt, self.settings.limits.max_attempts, self.backoff, self.rng,
-                              billed_failures)
+            service_mark = self._observe(result, probe, service_mark)
+            billed += possibly_billed(result)
+            alone = service_mark is None or (not self.breaker.is_open and self.breaker.healthy > service_mark)
+            decision = decide(result, attempt, limits.max_attempts, self.backoff, self.rng, billed,
+                              billed_cap=billed_cap, retry_after_max_s=limits.retry_after_max_s, may_fail=alone)
+            self.checkpoint.record_answer(item.key, throttled=decision.throttling,
+                                          possibly_billed=possibly_billed(result))
             if decision.throttling:
-                self.budget.refund()
-                self.stats.throttles += 1
-                self.checkpoint.count_throttle(item.key)
-                self.limiter.on_throttle(result.retry_after_s)
+                self._throttled(result)
             if decision.action is Action.FATAL:
                 raise FatalBackendError(f"{result.code}: {result.message} (model {self.settings.model_id})")
             if decision.action is Action.FAIL:
                 return result
-            log.debug("retrying %s after %s (attempt %d)", printable(item.key), result.code, attempt,
-                      extra={"event": "retry", "file": printable(item.key), "attempt": attempt,
+            log.debug("retrying %s after %s (attempt %d)", printable(self.name_of(item)), result.code, attempt,
+                      extra={"event": "retry", "file": printable(self.name_of(item)), "attempt": attempt,
                              "error_code": result.code})
-            if self.stop.is_set():
+            if not await sleep_unless(self.clock, decision.delay_s, self.stop):
                 return None
-            await self.clock.sleep(decision.delay_s)
         raise AssertionError("unreachable")
 
-    async def _store(self, item: WorkItem, payload: Payload, returned: bytes) -> ItemState:
+    def _observe(self, error: AttemptError, probe: bool, service_mark: int | None) -> int | None:
+        """Tell the breaker what an error says about the service; returns the item's new service mark."""
+        if is_service_state(error):
+            mark = self.breaker.healthy if service_mark is None else service_mark
+            self.breaker.on_service_error(probe)
+            return mark
+        if error.code not in _NO_ANSWER:
+            self.breaker.on_healthy()  # the service answered (a throttle, a 4xx): it works
+        elif probe:
+            self.breaker.abandon_probe()
+        return None
+
+    def _throttled(self, error: AttemptError) -> None:
+        self.budget.refund()
+        self.stats.throttles += 1
+        retry_after = error.retry_after_s
+        if retry_after is not None:
+            retry_after = min(retry_after, self.settings.limits.retry_after_max_s)
+        self.limiter.on_throttle(retry_after)
+
+    async def _send(self, item: WorkItem, payload: Payload) -> bytes | AttemptError | None:
+        """One attempt, once the budget and the rate allow it; None when the run stops first."""
+        if not self.budget.reserve():
+            self.request_stop("max-cost")
+            return None
+        if not await self.limiter.acquire(self.stop):
+            self.budget.refund()
+            return None
+        self.checkpoint.count_attempt(item.key)
+        self.stats.requests += 1
+        result = await self.invoker.invoke(payload.body)
+        if isinstance(result, bytes):
+            problem = _check_returned(result, payload)
+            if problem is not None:
+                return AttemptError("bad_response", problem)
+        return result
+
+    async def _store(self, item: WorkItem, payload: Payload, returned: bytes) -> ItemState | None:
         try:
             final = await asyncio.to_thread(finish, returned, payload.plan, payload.metadata)
         except (OSError, ValueError, SyntaxError) as exc:
@@ -207,19 +280,57 @@ class WorkerPool:
         return await self._write(item, final, payload)
 
     async def _write(self, item: WorkItem, output: Finished, payload: Payload,
-                     dedup_of: str | None = None) -> ItemState:
+                     dedup_of: str | None = None) -> ItemState | None:
         mtime = item.mtime_ns if self.settings.metadata.mtime else None
         try:
             written = await asyncio.to_thread(self.outputs.write_atomic, item.output_path, output.parts, mtime)
+        except OutputUnavailable as exc:
+            self.request_stop(str(exc))
+            if dedup_of is None:  # a paid image: keep it for the next run instead of paying again
+                note = UnsentNote(item.key, self.params_hash, item.size, item.mtime_ns, payload.content_sha256,
+                                  output.size, payload.sent.size, mtime)
+                if await asyncio.to_thread(self.unsent.keep, note, output.parts):
+                    self.checkpoint.record_answer(item.key)  # answered and kept: not "possibly billed"
+            return None
         except (OSError, OutputPathError) as exc:
             return self._fail(item, "output_write_failed", f"output_write_failed: {item.output_path}: {exc}")
-        self.checkpoint.succeed(item.key, written, output.size, payload.sent.size, dedup_of)
-        log.debug("succeeded %s", printable(item.key), extra={"event": "item_succeeded", "file": printable(item.key)})
+        self.checkpoint.succeed(item.key, written.size, output.size, payload.sent.size, dedup_of, written.digest)
+        log.debug("succeeded %s", printable(self.name_of(item)),
+                  extra={"event": "item_succeeded", "file": printable(self.name_of(item))})
         return ItemState.SUCCEEDED
 
     def _fail(self, item: WorkItem, code: str, message: str) -> ItemState:
         self.checkpoint.fail(item.key, code, message)
-        log.warning("failed %s: %s", printable(item.key), message,
-                    extra={"event": "item_failed", "file": printable(item.key), "error_code": code})
+        name = printable(self.name_of(item))
+        log.warning("failed %s: %s", name, message, extra={"event": "item_failed", "file": name, "error_code": code})
         return ItemState.FAILED
 
+
+_FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def _check_returned(data: bytes, payload: Payload) -> str | None:
+    """Why the returned bytes are not the image this request must produce, or None.
+
+    Structure only (chunk CRCs, markers, RIFF length) and the header's size: no pixel decode on
+    the hot path. The model keeps the sent image's aspect ratio, so a returned size that does not
+    is a broken answer, as is an image in another format than the one asked for.
+    """
+    try:
+        found = check_encoded(data)
+    except StructureError as exc:
+        return f"returned image is damaged: {exc}"
+    wanted = _FORMAT_NAMES[payload.output_format]
+    if found.format != wanted:
+        return f"returned a {found.format} image, {wanted} was asked for"
+    sent_w, sent_h = payload.sent.size
+    expected_h = found.width * sent_h / sent_w
+    if abs(found.height - expected_h) > max(2.0, 0.01 * expected_h):
+        return f"returned {found.width}x{found.height} for a {sent_w}x{sent_h} request (aspect ratio not kept)"
+    return None
+
+
+def _clock_time(wall: float | None) -> str:
+    if wall is None:
+        return "unknown"
+    return dt.datetime.fromtimestamp(wall).astimezone().strftime("%H:%M")

@@ -19,11 +19,12 @@ Time comes from an injected :class:`~batch_upscaler.clock.Clock`, so tests run w
 
 from __future__ import annotations
 
+import asyncio
 import math
 from abc import ABC, abstractmethod
 from collections import deque
 
-from batch_upscaler.clock import Clock
+from batch_upscaler.clock import Clock, sleep_unless
 
 
 class RateLimiter(ABC):
@@ -66,11 +67,14 @@ class RateLimiter(ABC):
         self._last_start = allowed if now - allowed < self.interval else now
         return True
 
-    async def acquire(self) -> None:
-        """Wait until a start is allowed, then take it."""
+    async def acquire(self, stop: asyncio.Event | None = None) -> bool:
+        """Wait until a start is allowed, then take it; False (nothing taken) if ``stop`` is set first."""
+        events = () if stop is None else (stop,)
         while not self.try_start():
             self._on_wait()
-            await self._clock.sleep(self.wait_needed())
+            if not await sleep_unless(self._clock, self.wait_needed(), *events):
+                return False
+        return stop is None or not stop.is_set()
 
     def _on_wait(self) -> None:
         """A start had to wait: the rate, not the workers, is what limits throughput now."""

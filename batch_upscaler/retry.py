@@ -9,6 +9,10 @@ is the table :data:`POLICIES` (documented in docs/architecture.md):
 * possibly billed or model-side failures (read time-out, 408, 424, a malformed 200): retry once;
 * the item's own fault (400 ValidationException, content filtered): fail the item, no retry;
 * nothing can succeed (403 AccessDenied, 404, bad credentials, on-demand-throughput 400): fatal.
+
+Errors where nothing ran (connection refused or reset before an answer, 503, other 5xx) are the
+*service's* state, not the image's (:func:`is_service_state`): batch_upscaler.outage pauses the
+pool on a run of them, and a plain run retries items an older run failed with them.
 """
 
 from __future__ import annotations
@@ -39,13 +43,13 @@ class AttemptError:
 class ErrorPolicy:
     action: Action
     throttling: bool = False
-    # The request may already have run (and been billed): after this many such failures of one
-    # image, stop re-sending it, however many attempts limits.max_attempts would still allow.
-    possibly_billed_cap: int | None = None
+    # The request may already have run (and been billed): such failures are capped per image
+    # (limits.possibly_billed_resends, across runs), however many attempts max_attempts would allow.
+    possibly_billed: bool = False
 
 
 _RETRY = ErrorPolicy(Action.RETRY)
-_RETRY_ONCE = ErrorPolicy(Action.RETRY, possibly_billed_cap=2)
+_RETRY_ONCE = ErrorPolicy(Action.RETRY, possibly_billed=True)
 _THROTTLED = ErrorPolicy(Action.RETRY, throttling=True)
 _FAIL = ErrorPolicy(Action.FAIL)
 _FATAL = ErrorPolicy(Action.FATAL)
@@ -74,6 +78,16 @@ POLICIES: Mapping[str, ErrorPolicy] = {
 }
 # A ValidationException with one of these messages is about the model id, not the image.
 _FATAL_VALIDATION = ("on-demand throughput", "model identifier is invalid")
+
+
+# Codes that say the service was unreachable or broken, not that the image is: never a fact about the image.
+SERVICE_STATE_CODES = frozenset({"connection_error", "ServiceUnavailableException", "InternalServerException"})
+
+
+def is_service_state(error: AttemptError) -> bool:
+    """Nothing ran for this attempt because the service was down (counts toward an outage)."""
+    return error.code in SERVICE_STATE_CODES or (error.status is not None and error.status >= 500
+                                                  and error.code not in POLICIES)
 
 
 def policy_for(error: AttemptError) -> ErrorPolicy:
@@ -105,21 +119,25 @@ class Decision:
 
 
 def possibly_billed(error: AttemptError) -> bool:
-    return policy_for(error).possibly_billed_cap is not None
+    return policy_for(error).possibly_billed
 
 
 def decide(error: AttemptError, attempt: int, max_attempts: int, backoff: Backoff,
-           rng: random.Random, billed_failures: int = 0) -> Decision:
+           rng: random.Random, billed_failures: int = 0, *, billed_cap: int = 2,
+           retry_after_max_s: float = 60.0, may_fail: bool = True) -> Decision:
     """What to do after ``attempt`` (1-based) ended with ``error``.
 
-    ``billed_failures`` counts this image's possibly-billed failures so far, this one included.
+    ``billed_failures`` counts this image's possibly-billed attempts so far (earlier runs' unanswered
+    ones and this one included); ``billed_cap`` is how many of them an image may cost. A server's
+    Retry-After is honoured up to ``retry_after_max_s`` (an unbounded one would stall a drain).
+    ``may_fail`` False defers the attempt cap: the service, not the image, is failing (see outage).
     """
     policy = policy_for(error)
-    cap = policy.possibly_billed_cap
-    exhausted = attempt >= max_attempts or (cap is not None and billed_failures >= cap)
+    billed_out = policy.possibly_billed and billed_failures >= billed_cap
+    exhausted = billed_out or (may_fail and attempt >= max_attempts)
     if policy.action is Action.RETRY and exhausted:
         return Decision(Action.FAIL, throttling=policy.throttling)
     if policy.action is not Action.RETRY:
         return Decision(policy.action, throttling=policy.throttling)
-    delay = max(backoff.delay(attempt, rng), error.retry_after_s or 0.0)
+    delay = max(backoff.delay(attempt, rng), min(error.retry_after_s or 0.0, retry_after_max_s))
     return Decision(Action.RETRY, delay, policy.throttling)

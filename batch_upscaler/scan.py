@@ -2,31 +2,44 @@
 
 For each discovered file the cheap fingerprint (size, mtime) and the parameters hash decide:
 * unchanged → the recorded state stands (no byte of the file is read);
-* new, changed, or parameters changed → probe the header and (re)record it as pending, or as
-  skipped/failed with its reason when it cannot be sent;
+* new, changed, or parameters changed → probe the header and check the structure (bounded reads)
+  and (re)record it as pending, or as skipped/failed with its reason when it cannot be sent;
 * stat changed but the state is succeeded → hash the content: a merely touched file keeps its
   result (so a ``touch`` or a copy does not pay twice); a rewritten one is redone;
-* succeeded but its output file is missing or truncated → redone.
+* succeeded but its output file is missing → redone. A present output is left alone, edited or
+  not (a user's edits are not "damage"), unless ``--verify-outputs`` asks to redo outputs that
+  are not byte-for-byte what was written.
+
+Refusals that depend on something outside the file (another item holding the output path, the
+output tree, the model's limits) are decided again at every scan, so they clear with their cause.
+
+Output ownership: an output path belongs to exactly one live item across the whole checkpoint,
+compared the way the output filesystem compares names (``output.name_compare``). The item that
+holds a path keeps it; a newcomer is refused at scan (``output_conflict``), before any request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState, Known, Scanned
-from batch_upscaler.discovery import EntryKind, Found, printable
+from batch_upscaler.discovery import Discovery, EntryKind, Found, SourceRoot, display_path, printable
+from batch_upscaler.errors import Interrupted, UsageError
 from batch_upscaler.fitting import Fit, fit
-from batch_upscaler.naming import NameParts, NamingError, render
-from batch_upscaler.outputs import OutputStore
-from batch_upscaler.probe import ImageHeader, ProbeError, read_header
-from batch_upscaler.settings import JobSettings, request_fingerprint
+from batch_upscaler.imagecheck import StructureError, check_file
+from batch_upscaler.naming import NameParts, NamingError, fold, render
+from batch_upscaler.outputs import OutputPathError, OutputStore
+from batch_upscaler.probe import SENDABLE_AS_IS, ImageHeader, ProbeError, read_header
+from batch_upscaler.settings import JobSettings, checks_fingerprint, request_fingerprint
 
 log = logging.getLogger(__name__)
+# Refusals decided from the item's surroundings, not from its bytes: re-decided at every scan.
+CONTEXT_REFUSALS = frozenset({"output_conflict", "output_in_source", "bad_output_path", "output_exists"})
 
 
 def file_sha256(path: Path) -> str:
@@ -50,26 +63,46 @@ class Scanner:
     """Runs one scan pass of ``found`` files into the checkpoint."""
 
     def __init__(self, settings: JobSettings, checkpoint: Checkpoint, outputs: OutputStore, *,
-                 quiet: bool = False) -> None:
+                 discovery: Discovery | None = None, roots: Mapping[str, SourceRoot] | None = None,
+                 quiet: bool = False, verify_outputs: bool = False,
+                 stopped: Callable[[], bool] = lambda: False) -> None:
         self.quiet = quiet  # plan: count, don't log each refusal
         self.settings = settings
         self.checkpoint = checkpoint
         self.outputs = outputs
+        self.discovery = discovery
+        self.roots = roots or {}
+        self.verify_outputs = verify_outputs
+        self.stopped = stopped
         self.params_hash = request_fingerprint(settings)
+        self.checks_hash = checks_fingerprint(settings)
         self.summary = ScanSummary()
+        self._conflicts: list[Scanned] = []  # refused for a path another item holds, as they would be pending
 
     def run(self, found: Iterable[Found]) -> ScanSummary:
+        mode = self.settings.name_compare
+        self.checkpoint.renormalise_outputs(mode.value, lambda path: fold(path, mode), CONTEXT_REFUSALS)
         with self.checkpoint.scan():
             for seq, item in enumerate(found, start=1):
+                if self.stopped():  # partial: what was recorded stays; nothing is marked gone
+                    raise Interrupted("stopped during the scan")
                 self.summary.discovered += 1
                 self._reconcile(seq, item)
+        self._reclaim_freed_outputs()
+        self._check_not_in_place()
         return self.summary
 
     def _reconcile(self, seq: int, item: Found) -> None:
         known = self.checkpoint.lookup(item.key)
         if known is not None and self._still_valid(known, item):
             self.summary.unchanged += 1
-            self.checkpoint.mark_seen(item.key, seq, size=item.size, mtime_ns=item.mtime_ns)
+            owner = self._other_owner(known.output_norm, item.key) if known.gone else None
+            if owner is None:
+                self.checkpoint.mark_seen(item.key, seq, size=item.size, mtime_ns=item.mtime_ns)
+                return
+            # Back after being gone, but its output path was taken meanwhile: the holder keeps it.
+            base = self._base(seq, item)
+            self.checkpoint.record_scanned(self._conflict(base, known.output_path or "", owner))
             return
         if known is None:
             self.summary.new += 1
@@ -80,8 +113,11 @@ class Scanner:
     def _still_valid(self, known: Known, item: Found) -> bool:
         if known.params_hash != self.params_hash:
             return False
-        if known.state is ItemState.SUCCEEDED and not (
-                known.output_path and self.outputs.exists(known.output_path, known.output_bytes)):
+        if known.state is ItemState.SKIPPED and known.checks_hash != self.checks_hash:
+            return False  # skipped under other limits: decide again
+        if known.state is ItemState.FAILED and known.error_code in CONTEXT_REFUSALS:
+            return False
+        if known.state is ItemState.SUCCEEDED and not self._output_stands(known):
             return False
         if (known.size, known.mtime_ns) == (item.size, item.mtime_ns):
             return True
@@ -89,10 +125,22 @@ class Scanner:
         return (known.state is ItemState.SUCCEEDED and known.content_sha256 is not None
                 and _hash_or_none(item.path) == known.content_sha256)
 
+    def _output_stands(self, known: Known) -> bool:
+        """A finished item's output is there (by default any file: a user may have edited it); with
+        --verify-outputs it must be exactly what was written."""
+        if known.output_path is None or not self.outputs.exists(known.output_path):
+            return False
+        if self.verify_outputs and known.output_digest is not None:
+            return self.outputs.verify(known.output_path, known.output_bytes, known.output_digest)
+        return True
+
+    def _base(self, seq: int, item: Found) -> dict[str, Any]:
+        return dict(key=item.key, seq=seq, source=item.source, relpath=item.relpath, size=item.size,
+                    mtime_ns=item.mtime_ns, params_hash=self.params_hash, output_path=None,
+                    raw_relpath=item.raw_relpath, checks_hash=self.checks_hash)
+
     def _probe(self, seq: int, item: Found) -> Scanned:
-        base: dict[str, Any] = dict(key=item.key, seq=seq, source=item.source, relpath=item.relpath, size=item.size,
-                                    mtime_ns=item.mtime_ns, params_hash=self.params_hash, output_path=None,
-                                    raw_relpath=item.raw_relpath)
+        base = self._base(seq, item)
         if item.kind is EntryKind.DIRECTORY:
             return self._refused(base, ItemState.SKIPPED, "not_a_file",
                                  "a directory named like an image (its contents are scanned as usual)")
@@ -102,24 +150,74 @@ class Scanner:
             return self._refused(base, ItemState.FAILED, "empty_file", "0 bytes")
         try:
             header = read_header(item.path)
+            if header.pil_format in SENDABLE_AS_IS:  # converted formats are checked by their decode
+                check_file(item.path, item.size)
         except ProbeError as exc:
             state = ItemState(exc.refusal.disposition.value)
             return self._refused(base, state, exc.refusal.rejection.code, exc.refusal.rejection.detail)
-        plan = fit(header, self.settings.model.limits, self.settings.prepare)
+        except StructureError as exc:
+            return self._refused(base, ItemState.FAILED, "truncated", str(exc))
+        except OSError as exc:
+            return self._refused(base, ItemState.FAILED, "unreadable", exc.strerror or str(exc))
+        model = self.settings.model
+        plan = fit(header, model.limits, self.settings.prepare, model.output_size)
         base.update(format=header.pil_format, width=header.width, height=header.height)
-        if isinstance(plan, Fit):  # the report compares outputs with the upright source
-            base.update(width=plan.upright_size[0], height=plan.upright_size[1])
-        else:
+        if not isinstance(plan, Fit):
             return self._refused(base, ItemState.SKIPPED, plan.code, plan.detail)
+        base.update(width=plan.upright_size[0], height=plan.upright_size[1])  # the report compares with these
+        return self._place_output(base, item, header, plan)
+
+    def _place_output(self, base: dict[str, Any], item: Found, header: ImageHeader, plan: Fit) -> Scanned:
+        """Name the output and check, before paying, that this item may write it."""
         try:
-            base["output_path"] = self._output_path(item, header, plan)
-        except NamingError as exc:
+            relpath = self._output_path(item, header, plan)
+            self.outputs.check_path(relpath)
+        except (NamingError, OutputPathError) as exc:
             return self._refused(base, ItemState.FAILED, "bad_output_path", str(exc))
-        owner = self.checkpoint.output_owner(base["output_path"], item.key)
+        target = self.settings.output_dir / relpath
+        source = self.discovery.claims(target) if self.discovery is not None else None
+        if source is not None:
+            return self._refused(base, ItemState.FAILED, "output_in_source",
+                                 f"{self._shown(target)} is inside source {source.spec!r}: the upscale would replace "
+                                 "an original or be read back as an input; choose an output.dir outside the sources")
+        norm = fold(relpath, self.settings.name_compare)
+        owner = self._other_owner(norm, item.key)
         if owner is not None:
-            return self._refused(base, ItemState.FAILED, "output_conflict",
-                                 f"{base['output_path']} is already the output of {owner}")
-        return Scanned(state=ItemState.PENDING, **base)
+            return self._conflict(base, relpath, owner)
+        if self.settings.output_shared and self.outputs.exists(relpath) and not self.checkpoint.holds_output(norm):
+            return self._refused(base, ItemState.FAILED, "output_exists",
+                                 f"{self._shown(target)} exists and was not written by this job (output.shared)")
+        return Scanned(state=ItemState.PENDING, **{**base, "output_path": relpath, "output_norm": norm})
+
+    def _other_owner(self, norm: str | None, key: str) -> str | None:
+        return None if norm is None else self.checkpoint.output_owner(norm, key)
+
+    def _conflict(self, base: dict[str, Any], relpath: str, owner: str) -> Scanned:
+        """Refuse a newcomer for an output path another item holds; remember it in case the holder
+        turns out to be gone when this scan ends."""
+        norm = fold(relpath, self.settings.name_compare)
+        as_pending = {**base, "output_path": relpath, "output_norm": norm}
+        self._conflicts.append(Scanned(state=ItemState.PENDING, **as_pending))
+        source, _, rel = owner.partition(":")
+        return self._refused(base, ItemState.FAILED, "output_conflict",
+                             f"{self._shown(self.settings.output_dir / relpath)} already belongs to "
+                             f"{display_path(self.roots, source, rel, self.settings.base_dir)}")
+
+    def _reclaim_freed_outputs(self) -> None:
+        """A conflict whose holder this scan found gone is no conflict: the first claimant takes the path."""
+        for pending in self._conflicts:
+            assert pending.output_norm is not None
+            if self._other_owner(pending.output_norm, pending.key) is None:
+                self.checkpoint.record_scanned(pending)
+                self.summary.refused["output_conflict"] -= 1
+
+    def _check_not_in_place(self) -> None:
+        """A job whose every file would be written over itself (or into its sources) is a set-up error."""
+        in_place = self.summary.refused.get("output_in_source", 0)
+        if in_place and in_place == self.summary.discovered:
+            raise UsageError(f"{self.settings.manifest_path}: output.dir {self.settings.output_dir} would write every "
+                             "output into the job's own sources (originals replaced, or upscaled again next run); "
+                             "choose an output.dir outside the sources")
 
     def _output_path(self, item: Found, header: ImageHeader, plan: Fit) -> str:
         settings = self.settings
@@ -127,12 +225,20 @@ class Scanner:
         parts = NameParts(item.relpath, settings.model.name.value, plan.output_scale(out_width))
         return render(settings.naming, parts, settings.output_format.for_source(header.pil_format).extension)
 
+    def _shown(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.settings.base_dir).as_posix()
+        except ValueError:
+            return str(path)
+
     def _refused(self, base: dict[str, Any], state: ItemState, code: str, detail: str) -> Scanned:
         self.summary.refused[code] = self.summary.refused.get(code, 0) + 1
         if state is ItemState.FAILED and not self.quiet:  # skips are expected in an archive; failures need a look
-            log.warning("failed %s: %s: %s", printable(base["key"]), code, detail,
-                        extra={"event": "item_failed", "file": printable(base["key"]), "error_code": code})
-        return Scanned(state=state, error_code=code, error_message=f"{code}: {detail}", **base)
+            name = printable(display_path(self.roots, base["source"], base["relpath"], self.settings.base_dir))
+            log.warning("failed %s: %s: %s", name, code, detail,
+                        extra={"event": "item_failed", "file": name, "error_code": code})
+        fields = {**base, "output_path": None, "output_norm": None}
+        return Scanned(state=state, error_code=code, error_message=f"{code}: {detail}", **fields)
 
 
 def _hash_or_none(path: Path) -> str | None:

@@ -42,6 +42,14 @@ class OutputFormat(StrEnum):
             pil_format or "", OutputFormat.PNG)
 
 
+class NameCompare(StrEnum):
+    """How output names are compared for ownership: as the output filesystem compares them."""
+
+    CASEFOLD = "casefold"  # Unicode NFC + case folding (macOS, Windows, most NAS shares): the safe default
+    NFC = "nfc"  # Unicode-normalised but case-sensitive
+    EXACT = "exact"  # byte-for-byte names (a case-sensitive Linux volume)
+
+
 class Oversize(StrEnum):
     DOWNSCALE = "downscale"
     SKIP = "skip"
@@ -72,6 +80,9 @@ class PrepareSettings:
     aspect: AspectPolicy = AspectPolicy.PAD
     alpha: AlphaPolicy = AlphaPolicy.FLATTEN
     background: tuple[int, int, int] = (255, 255, 255)
+    # An upscale must come back larger than the source on both sides by this factor, or it is not
+    # paid for (skipped ``no_gain``); 1.0 means "strictly larger".
+    min_gain: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,14 @@ class Limits:
     backoff_base_s: float = 2.0
     backoff_max_s: float = 60.0
     max_cost_usd: float | None = None  # per run: no new request once the estimated spend would pass it
+    retry_after_max_s: float = 60.0  # a server's Retry-After is honoured up to this long
+    # After an attempt that may have been billed without an answer (time-out, crash, cut-off
+    # response), at most this many more are sent for the image, across runs.
+    possibly_billed_resends: int = 1
+    # The outage breaker: this many errors where nothing ran, in a row across the pool, pause every
+    # worker; the service is then probed for up to outage_wait_s before the run stops (exit 75).
+    outage_errors: int = 8
+    outage_wait_s: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -130,6 +149,8 @@ class JobSettings:
     report_dir: Path
     emulator: EmulatorSettings = field(default_factory=EmulatorSettings)
     naming: str = "{relpath}"
+    name_compare: NameCompare = NameCompare.CASEFOLD
+    output_shared: bool = False  # output.shared: other jobs may write into output_dir (disjoint names)
     prepare: PrepareSettings = field(default_factory=PrepareSettings)
     metadata: MetadataSettings = field(default_factory=MetadataSettings)
 
@@ -158,11 +179,26 @@ class RunOptions:
     only: frozenset[str] | None = None  # --only: just these items (display paths, as in failed.txt)
     metrics_path: Path | None = None  # None: <report_dir>/metrics.prom
     metrics_interval_s: float = 15.0
+    verify_outputs: bool = False  # redo a finished item whose output is not byte-for-byte what was written
+    strict_exit: bool = False  # exit 1 for any failed item, not only for failures of this run
 
 
 def request_fingerprint(settings: JobSettings) -> str:
     """Hash of everything besides the image that affects what is sent or returned."""
+    prepare = dataclasses.asdict(settings.prepare)
+    del prepare["min_gain"]  # decides whether to send, not what is sent: see checks_fingerprint
     canonical = json.dumps({"model": settings.model.base_id, "params": dict(settings.params),
                             "output_format": settings.output_format.value,
-                            "prepare": dataclasses.asdict(settings.prepare)}, sort_keys=True, default=str)
+                            "prepare": prepare}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def checks_fingerprint(settings: JobSettings) -> str:
+    """Hash of what the checks before paying compare an image with (the model's limits, the
+    minimum gain): a skip decided under other limits is decided again (raising a limit must not
+    leave images skipped under the old one), while finished items are not redone for it."""
+    canonical = json.dumps({"limits": dataclasses.asdict(settings.model.limits),
+                            "min_gain": settings.prepare.min_gain,
+                            "output": [settings.model.output_target_pixels, settings.model.output_side_factor]},
+                           sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
