@@ -16,6 +16,7 @@ from typing import BinaryIO
 from PIL import Image, UnidentifiedImageError
 
 from batch_upscaler.catalogue import Rejection
+from batch_upscaler.imagecheck import StructureError, check_input
 
 try:  # HEIC/HEIF phone photos, when the optional plugin is installed (pip install 'batch-upscaler[heif]')
     import pillow_heif  # type: ignore[import-not-found,unused-ignore]
@@ -95,38 +96,16 @@ def truncation(data: bytes, pil_format: str) -> str | None:
     """Why an encoded file is incomplete, from its structure alone (no decode), or None.
 
     A byte-for-byte upload of a cut-off file would be paid for and fail (or come back damaged);
-    converted formats are caught by the decode instead.
+    converted formats are caught by the decode instead. The check is imagecheck's lenient one, the
+    same that ``imagecheck.check_file`` runs on a file with bounded I/O, so both refuse the same files.
     """
-    if pil_format in ("JPEG", "MPO"):
-        # EOI cannot occur inside entropy-coded data (0xFF is stuffed), so a cut file has none
-        # after its first start-of-scan. (Searching from the end would trip on phone trailers.)
-        scan = _first_jpeg_scan(data)
-        if scan < 0 or data.find(b"\xff\xd9", scan) < 0:
-            return "JPEG data ends before its end-of-image marker"
-    elif pil_format == "PNG":
-        if data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
-            return "PNG has no IEND chunk at its end"
-    elif pil_format == "WEBP" and len(data) >= 12:
-        declared = int.from_bytes(data[4:8], "little") + 8
-        if declared > len(data):
-            return f"WebP declares {declared} bytes but has {len(data)}"
+    if pil_format not in SENDABLE_AS_IS:
+        return None
+    try:
+        check_input(data)
+    except StructureError as exc:
+        return str(exc)
     return None
-
-
-def _first_jpeg_scan(data: bytes) -> int:
-    """Offset of the first SOS marker, walking the header segments by their lengths; -1 if none."""
-    pos = 2  # after SOI
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return -1
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0xDA:
-            return pos
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return -1
 
 
 def _fail(code: str, detail: str) -> Refusal:
