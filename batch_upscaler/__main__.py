@@ -1,5 +1,5 @@
 """``python -m batch_upscaler``: the same CLI as the ``batch-upscaler`` command."""
 
-from batch_upscaler.cli import entry_point
+from batch_upscaler.entry import main
 
-entry_point()
+main()

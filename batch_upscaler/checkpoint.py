@@ -593,6 +593,15 @@ class Checkpoint:
         return dict(zip(("attempts", "throttles", "retries", "deduplicated", "last_success", "possibly_billed"),
                         (float(v) for v in row), strict=True))
 
+    def succeeded_hashes_by_size(self) -> dict[int, set[str]]:
+        """Content hashes of succeeded items, by file size (what a pending duplicate could reuse)."""
+        found: dict[int, set[str]] = {}
+        rows = self._conn.execute("SELECT size, content_sha256 FROM items WHERE state = 'succeeded' "
+                                  "AND content_sha256 IS NOT NULL")
+        for size, digest in rows:
+            found.setdefault(int(size), set()).add(str(digest))
+        return found
+
     def state_of(self, key: str) -> ItemState | None:
         row = self._conn.execute("SELECT state FROM items WHERE key = ?", (key,)).fetchone()
         return None if row is None else ItemState(row[0])

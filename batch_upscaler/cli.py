@@ -21,10 +21,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from batch_upscaler import __version__
 from batch_upscaler.catalogue import ModelName
 from batch_upscaler.checkpoint import Checkpoint
-from batch_upscaler.errors import ExitCode, UpscalerError, UsageError
+from batch_upscaler.errors import ExitCode, Interrupted, UpscalerError, UsageError
 from batch_upscaler.logformat import JsonFormatter, text_formatter
 from batch_upscaler.manifest import default_settings, load_settings, parse_duration
 from batch_upscaler.settings import Backend, JobSettings, RunOptions
+from batch_upscaler.signals import StopSignals
 
 log = logging.getLogger("batch_upscaler")
 DEFAULT_CONFIG = Path("config/batch-upscaler.yaml")
@@ -79,6 +80,11 @@ def _add_run(run: argparse.ArgumentParser) -> None:
                      "(default: <report_dir>/metrics.prom; point it into node_exporter's textfile directory)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="show the progress bar (default: only on a terminal)")
+    run.add_argument("--verify-outputs", action="store_true",
+                     help="redo finished images whose output file is no longer byte-for-byte what was written "
+                          "(default: a present output is kept, edited or not)")
+    run.add_argument("--strict-exit", action="store_true",
+                     help="exit 1 whenever any item is failed, not only when this run produced new failures")
 
 
 def _add_doctor(doctor: argparse.ArgumentParser) -> None:
@@ -170,9 +176,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(limit=args.limit, retry_failed=args.retry_failed, show_progress=args.progress,
                          only=_read_list(args.only) if args.only else None,
                          max_duration_s=args.max_duration, grace_s=args.grace, heartbeat_s=args.progress_interval,
-                         metrics_path=args.metrics_file)
+                         metrics_path=args.metrics_file, verify_outputs=args.verify_outputs,
+                         strict_exit=args.strict_exit)
+    signals: StopSignals = args.signals
+    if signals.requested:
+        raise Interrupted(f"{signals.first} before the run started; nothing was done")
     with logging_redirect_tqdm(loggers=[log]):
-        return int(run_job(settings, options).exit_code)
+        return int(run_job(settings, options, signals=signals).exit_code)
 
 
 def _read_list(path: Path) -> frozenset[str]:
@@ -264,14 +274,31 @@ def configure_logging(verbose: bool, quiet: bool, log_format: str = "text", job:
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "status": cmd_status, "doctor": cmd_doctor}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main(argv: Sequence[str] | None = None, signals: StopSignals | None = None) -> int:
+    """Run one command; ``signals`` are the stop handlers the entry point installed first thing
+    (installed here, and put back afterwards, when main is called in-process)."""
+    own = signals is None
+    signals = signals or StopSignals().install()
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv), signals)
+    finally:
+        if own:
+            signals.restore()
+
+
+def _main(argv: list[str], signals: StopSignals) -> int:
     if argv[:1] == ["emulator"]:  # one emulator command line, whichever way it is started
+        signals.restore()  # the emulator server handles its own signals
         from batch_upscaler.emulator.__main__ import main as emulator_main
 
         emulator_main(argv[1:])
         return int(ExitCode.OK)
     args = build_parser().parse_args(argv)
+    args.signals = signals
+    if args.command != "run":  # only a run drains; other commands stop on Ctrl-C as usual
+        signals.restore()
+        if signals.requested:
+            return int(ExitCode.INTERRUPTED)
     configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False),
                       getattr(args, "log_format", "text"), _job_name(args))
     try:

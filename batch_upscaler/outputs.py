@@ -27,6 +27,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class LocalOutputStore:
         self.root = root
         self._staging: Path | None = None
         self._staging_lock: int | None = None
+        self._creating = threading.Lock()  # writes run in worker threads: one staging directory per run
 
     # ---- paths -----------------------------------------------------------------------------
     def path_of(self, relpath: str) -> Path:
@@ -230,15 +232,18 @@ class LocalOutputStore:
     # ---- staging -----------------------------------------------------------------------------
     def staging(self) -> Path:
         """This run's own staging directory (created on first use, locked for the run's lifetime)."""
-        if self._staging is None:
-            base = self.root / STAGING_DIR
-            base.mkdir(parents=True, exist_ok=True)
-            directory = base / f"{os.getpid()}-{secrets.token_hex(4)}"
-            directory.mkdir()
-            fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            self._staging, self._staging_lock = directory, fd
-        return self._staging
+        with self._creating:
+            return self._staging or self._create_staging()
+
+    def _create_staging(self) -> Path:
+        base = self.root / STAGING_DIR
+        base.mkdir(parents=True, exist_ok=True)
+        directory = base / f"{os.getpid()}-{secrets.token_hex(4)}"
+        directory.mkdir()
+        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._staging, self._staging_lock = directory, fd
+        return directory
 
     def close_staging(self) -> None:
         """Remove this run's staging directory (and the shared parent once nobody uses it)."""

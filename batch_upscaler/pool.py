@@ -22,9 +22,9 @@ import datetime as dt
 import itertools
 import logging
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from batch_upscaler.budget import Budget
 from batch_upscaler.checkpoint import Checkpoint, ItemState, WorkItem
@@ -49,6 +49,16 @@ _NO_ANSWER = frozenset({"read_timeout", "response_interrupted", "no_credentials"
 _RUN_LEVEL = (FatalBackendError, StateUnavailable, asyncio.CancelledError)
 
 
+T = TypeVar("T")
+
+
+class Offload(Protocol):
+    """Runs blocking work (file reads, hashing, writes) off the event loop: ``asyncio.to_thread``,
+    or inline in tests that run on a fake clock (a thread's work takes no virtual time there)."""
+
+    def __call__(self, func: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
+
+
 class Invoker(Protocol):
     async def invoke(self, body: bytes) -> bytes | AttemptError: ...
 
@@ -68,7 +78,8 @@ class WorkerPool:
                  on_done: Callable[[ItemState], None] = lambda state: None, limit: int | None = None,
                  budget: Budget | None = None, request_stop: Callable[[str], None] | None = None,
                  only: frozenset[str] | None = None, breaker: Breaker | None = None,
-                 unsent: UnsentOutputs | None = None, name_of: Callable[[WorkItem], str] | None = None) -> None:
+                 unsent: UnsentOutputs | None = None, name_of: Callable[[WorkItem], str] | None = None,
+                 offload: Offload = asyncio.to_thread) -> None:
         self.settings = settings
         self.checkpoint = checkpoint
         self.invoker = invoker
@@ -89,6 +100,7 @@ class WorkerPool:
                                           max_probe_s=max(limits.backoff_max_s, 0.01))
         self.unsent = unsent or UnsentOutputs(settings.state_dir)
         self.name_of = name_of or (lambda item: f"{item.source}:{item.relpath}")
+        self.offload = offload
         self.backoff = Backoff(limits.backoff_base_s, limits.backoff_max_s)
         self.stats = PoolStats()
         self.params_hash = request_fingerprint(settings)
@@ -150,7 +162,7 @@ class WorkerPool:
         """Drive one item to succeeded/failed; None means it was released unfinished."""
         path = self.sources[item.source].path_of(item.fs_relpath)
         try:
-            payload = await asyncio.to_thread(build_payload, path, item.size, self.settings)
+            payload = await self.offload(build_payload, path, item.size, self.settings)
         except PayloadError as exc:
             return self._fail(item, exc.code, str(exc))
         self.checkpoint.record_content_hash(item.key, payload.content_sha256)
@@ -180,7 +192,7 @@ class WorkerPool:
         path that a later run rewrote is never handed out as another image's upscale.
         """
         for candidate in self.checkpoint.succeeded_copies(digest, self.params_hash, item.key):
-            data = await asyncio.to_thread(self.outputs.read_verified, candidate.output_path,
+            data = await self.offload(self.outputs.read_verified, candidate.output_path,
                                            candidate.output_bytes, candidate.output_digest)
             if data is None:
                 continue  # changed, gone, or not provable: upscale again rather than copy a stranger
@@ -274,7 +286,7 @@ class WorkerPool:
 
     async def _store(self, item: WorkItem, payload: Payload, returned: bytes) -> ItemState | None:
         try:
-            final = await asyncio.to_thread(finish, returned, payload.plan, payload.metadata)
+            final = await self.offload(finish, returned, payload.plan, payload.metadata)
         except (OSError, ValueError, SyntaxError) as exc:
             return self._fail(item, "bad_response", f"bad_response: returned image unusable: {exc}")
         return await self._write(item, final, payload)
@@ -283,13 +295,13 @@ class WorkerPool:
                      dedup_of: str | None = None) -> ItemState | None:
         mtime = item.mtime_ns if self.settings.metadata.mtime else None
         try:
-            written = await asyncio.to_thread(self.outputs.write_atomic, item.output_path, output.parts, mtime)
+            written = await self.offload(self.outputs.write_atomic, item.output_path, output.parts, mtime)
         except OutputUnavailable as exc:
             self.request_stop(str(exc))
             if dedup_of is None:  # a paid image: keep it for the next run instead of paying again
                 note = UnsentNote(item.key, self.params_hash, item.size, item.mtime_ns, payload.content_sha256,
                                   output.size, payload.sent.size, mtime)
-                if await asyncio.to_thread(self.unsent.keep, note, output.parts):
+                if await self.offload(self.unsent.keep, note, output.parts):
                     self.checkpoint.record_answer(item.key)  # answered and kept: not "possibly billed"
             return None
         except (OSError, OutputPathError) as exc:

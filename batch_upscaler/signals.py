@@ -9,10 +9,13 @@ every wait in the pool), and while the pool runs the request is handed to its ev
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # this module is imported before anything else: keep it light
+    import asyncio
 
 Handler = Callable[[str], None]
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -25,6 +28,7 @@ class StopSignals:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: Handler | None = None
         self._cancel: Handler | None = None
+        self._previous: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
@@ -32,8 +36,14 @@ class StopSignals:
 
     def install(self) -> StopSignals:
         for signum in SIGNALS:
-            signal.signal(signum, self._handle)
+            self._previous[signum] = signal.signal(signum, self._handle)
         return self
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before :meth:`install` (commands other than run)."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
 
     def request(self, name: str) -> None:
         """Record a stop request as a signal would (also how tests and signal handlers call in)."""

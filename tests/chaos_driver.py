@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batch_upscaler.emulator import EmulatorThread
+from batch_upscaler.outputs import OWNER_FILE
 from tests.conftest import cli_env, write_image
 
 
@@ -117,5 +118,5 @@ def _check(result: ChaosResult, emulator: EmulatorThread, checkpoints: list[tupl
         if output.exists() and hashlib.sha256(output.read_bytes()).hexdigest() in returned.get(digest, set()):
             result.outputs_match_emulator += 1
     out = tmp_path / "out"
-    result.temp_files = sum(1 for p in out.rglob("*") if p.is_file() and (p.suffix != ".png" or
-                                                                           ".batch-upscaler-tmp" in p.parts))
+    result.temp_files = sum(1 for p in out.rglob("*") if p.is_file() and p.name != OWNER_FILE
+                            and (p.suffix != ".png" or ".batch-upscaler-tmp" in p.parts))

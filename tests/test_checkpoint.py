@@ -29,7 +29,7 @@ def cp(tmp_path: Path) -> Checkpoint:
 def test_happy_path_and_counters(cp: Checkpoint) -> None:
     cp.start("a")
     cp.count_attempt("a")
-    cp.count_throttle("a")
+    cp.record_answer("a", throttled=True)
     cp.count_attempt("a")
     cp.record_content_hash("a", "abc")
     cp.succeed("a", 1234, (400, 300))

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from batch_upscaler.emulator import EmulatorThread, RequestRecord
+from batch_upscaler.outputs import OWNER_FILE
 from tests.conftest import cli_env, run_cli, write_image
 
 EmulatorFactory = Callable[..., EmulatorThread]
@@ -76,7 +77,8 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, photos: list[Path], write_m
         assert final[f"photos:{photo.name}"] == hashlib.sha256(photo.read_bytes()).hexdigest()
         with Image.open(tmp_path / "out" / photo.name) as im:
             im.load()  # complete and decodable
-    leftovers = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.suffix != ".png"]
+    leftovers = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.suffix != ".png"
+                 and p.name != OWNER_FILE]
     assert leftovers == [] and not (tmp_path / "out" / ".batch-upscaler-tmp").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ class FakeInvoker:
         self.calls = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.by_body: Callable[[bytes], bytes | AttemptError] | None = None  # answer by image instead
 
     async def invoke(self, body: bytes) -> bytes | AttemptError:
         self.calls += 1
@@ -41,10 +43,15 @@ class FakeInvoker:
         for _ in range(3):
             await asyncio.sleep(0)
         self.in_flight -= 1
-        return self.script(n)
+        return self.by_body(body) if self.by_body is not None else self.script(n)
 
 
-OK = image_bytes(40, 30)
+async def inline(func: Callable[..., Any], *args: Any) -> Any:
+    """File work runs inline: on the fake clock, a thread's work would take no virtual time at all."""
+    return func(*args)
+
+
+OK = image_bytes(160, 160)  # a valid upscale of the 80x80 sources (the pool checks what comes back)
 
 
 def setup(tmp_path: Path, write_manifest: Callable[..., Path], n: int,
@@ -59,7 +66,8 @@ def setup(tmp_path: Path, write_manifest: Callable[..., Path], n: int,
 
 
 def run_pool(settings: JobSettings, checkpoint: Checkpoint, invoker: FakeInvoker, clock: FakeClock,
-             stop: Callable[[asyncio.Event], None] | None = None, limit: int | None = None) -> WorkerPool:
+             stop: Callable[[asyncio.Event], None] | None = None, limit: int | None = None,
+             request_stop: Callable[[str], None] | None = None) -> WorkerPool:
     async def go() -> WorkerPool:
         event = asyncio.Event()
         roots = {s: parse_source(s, settings.base_dir) for s in settings.sources}
@@ -73,7 +81,13 @@ def run_pool(settings: JobSettings, checkpoint: Checkpoint, invoker: FakeInvoker
 
         pool = WorkerPool(settings=settings, checkpoint=checkpoint, invoker=invoker,
                           outputs=LocalOutputStore(settings.output_dir), sources=roots, limiter=limiter,
-                          clock=clock, rng=random.Random(0), stop=event, on_done=on_done, limit=limit)
+                          clock=clock, rng=random.Random(0), stop=event, on_done=on_done, limit=limit,
+                          offload=inline)
+        if request_stop is not None:
+            def stopping(reason: str) -> None:
+                request_stop(reason)
+                event.set()
+            pool.request_stop = stopping
         await pool.run()
         return pool
     return asyncio.run(go())
@@ -106,12 +120,66 @@ def test_throttles_slow_the_limiter_and_are_retried(
 
 def test_retries_give_up_after_max_attempts(tmp_path: Path, write_manifest: Callable[..., Path],
                                             clock: FakeClock) -> None:
+    settings, checkpoint = setup(tmp_path, write_manifest, 2, max_attempts=3)
+    invoker = FakeInvoker(lambda n: AttemptError("ModelNotReadyException", "warming up", 429))
+    run_pool(settings, checkpoint, invoker, clock)
+    rows = list(checkpoint.items())
+    assert [(r["state"], r["attempts"], r["error_code"]) for r in rows] == [("failed", 3, "ModelNotReadyException")] * 2
+    assert invoker.calls == 6
+
+
+def test_possibly_billed_failures_are_re_sent_once(tmp_path: Path, write_manifest: Callable[..., Path],
+                                                   clock: FakeClock) -> None:
     settings, checkpoint = setup(tmp_path, write_manifest, 1, max_attempts=3)
-    invoker = FakeInvoker(lambda n: AttemptError("InternalServerException", "boom", 500))
+    invoker = FakeInvoker(lambda n: AttemptError("ModelErrorException", "boom", 424))
     run_pool(settings, checkpoint, invoker, clock)
     row = next(checkpoint.items())
-    assert (row["state"], row["attempts"], row["error_code"]) == ("failed", 3, "InternalServerException")
-    assert invoker.calls == 3
+    assert (row["state"], row["attempts"], row["error_code"]) == ("failed", 2, "ModelErrorException")
+    assert invoker.calls == 2  # possibly billed: one re-send only
+
+
+def test_an_image_failing_alone_with_5xx_fails_after_max_attempts(
+        tmp_path: Path, write_manifest: Callable[..., Path], clock: FakeClock) -> None:
+    """5xx for one image while others are answered: the image, not the service, is the problem."""
+    settings, checkpoint = setup(tmp_path, write_manifest, 6, max_attempts=3, requests_per_minute=6000)
+    bad = image_bytes(80, 80, "PNG", (0, 1, 2))  # photos/000.png
+    invoker = FakeInvoker(lambda n: OK)
+    invoker.by_body = lambda body: AttemptError("InternalServerException", "boom", 500) if _holds(body, bad) else OK
+    run_pool(settings, checkpoint, invoker, clock)
+    rows = {r["relpath"]: r for r in checkpoint.items()}
+    assert (rows["000.png"]["state"], rows["000.png"]["attempts"]) == ("failed", 3)
+    assert rows["000.png"]["error_code"] == "InternalServerException"
+    assert all(r["state"] == "succeeded" for name, r in rows.items() if name != "000.png")
+
+
+def test_an_outage_fails_no_image_and_stops_the_pool_with_items_pending(
+        tmp_path: Path, write_manifest: Callable[..., Path], clock: FakeClock) -> None:
+    """Every request fails where nothing ran: the breaker pauses, probes at growing intervals, then stops."""
+    settings, checkpoint = setup(tmp_path, write_manifest, 5, max_attempts=3, outage_errors=4, outage_wait="10m",
+                                 backoff_base_s=1, backoff_max_s=60)
+    invoker = FakeInvoker(lambda n: AttemptError("connection_error", "refused"))
+    reasons: list[str] = []
+    pool = run_pool(settings, checkpoint, invoker, clock, request_stop=reasons.append)
+    assert checkpoint.counts()[ItemState.PENDING] == 5 and checkpoint.counts()[ItemState.FAILED] == 0
+    assert len(reasons) == 1 and reasons[0].startswith("service unreachable since ")
+    probes = invoker.calls - 4
+    assert 8 <= probes <= 20  # one request at a time, every 1, 2, 4 … 60 s, for 10 virtual minutes
+    assert clock.now() - 1000.0 == pytest.approx(600, abs=70)
+    assert pool.breaker.outages == 1
+
+
+def test_the_pool_resumes_when_the_service_comes_back(
+        tmp_path: Path, write_manifest: Callable[..., Path], clock: FakeClock) -> None:
+    settings, checkpoint = setup(tmp_path, write_manifest, 5, max_attempts=3, outage_errors=4)
+    invoker = FakeInvoker(lambda n: AttemptError("ServiceUnavailableException", "down", 503) if n <= 12 else OK)
+    pool = run_pool(settings, checkpoint, invoker, clock)
+    assert checkpoint.counts()[ItemState.SUCCEEDED] == 5
+    assert pool.breaker.outages == 1 and not pool.breaker.is_open
+
+
+def _holds(body: bytes, image: bytes) -> bool:
+    import base64
+    return base64.b64encode(image) in body
 
 
 def test_fatal_error_stops_everything_and_leaves_items_pending(
@@ -155,7 +223,8 @@ def test_source_changed_after_scan_fails_with_reason(
 
 def test_auto_rate_never_exceeds_the_concurrency_cap(tmp_path: Path, write_manifest: Callable[..., Path],
                                                      clock: FakeClock) -> None:
-    settings, checkpoint = setup(tmp_path, write_manifest, 40, requests_per_minute="auto")  # type: ignore[arg-type]
+    settings, checkpoint = setup(tmp_path, write_manifest, 40, requests_per_minute="auto",  # type: ignore[arg-type]
+                                 max_attempts=10)
     assert settings.limits.requests_per_minute is None
     throttle = AttemptError("ThrottlingException", "slow down", 429)
     invoker = FakeInvoker(lambda n: throttle if n % 7 == 0 else OK)
