@@ -1,6 +1,6 @@
 """The model catalogue: what each Stability upscale model on Bedrock accepts and returns, as data.
 
-Figures come from ../shared/reference/bedrock-stability-api.md (sections 2, 5.2 and 8). Where the
+Figures come from docs/bedrock-reference.md (limits, prices, reference conflicts). Where the
 reference flags a CONFLICT the catalogue follows the *validation rule* and the value can be
 overridden from config/ (see README "Reference conflicts"):
 

@@ -12,7 +12,7 @@ Each move is one ``UPDATE ... WHERE state IN (allowed)`` in its own transaction,
 any instant leaves every row in a valid state, and an item can only become ``succeeded`` from
 ``in_progress`` (never twice from one start). ``sqlite3`` is called directly on the event loop:
 at ~15k commits/s with WAL + synchronous=NORMAL it is far faster than the work it records
-(measured in ../shared/reference/aiobotocore-notes.md).
+(measured: docs/bedrock-reference.md, "Client-side facts").
 
 Rows are keyed by the machine-independent item key (``<source>:<relpath>``); output paths are
 stored relative to the output root.

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.add_argument("--retry-failed", action="store_true", help="plan as if run with --retry-failed")
-    plan.add_argument("--limit", "--max-images", dest="limit", type=_positive_int, help="plan at most N images")
+    _add_max_images(plan, "plan at most N images")
     for name, text in (("report", "rewrite the report from the checkpoint"),
                        ("status", "counts per state from the checkpoint")):
         _job_args(sub.add_parser(name, help=text))
@@ -59,8 +59,7 @@ def _add_run(run: argparse.ArgumentParser) -> None:
     run.add_argument("--only", type=Path, metavar="FILE-LIST",
                      help="process just the files listed (one path per line, as in failed.txt); "
                           "listed failed files are retried")
-    run.add_argument("--limit", "--max-images", dest="limit", type=_positive_int,
-                     help="start at most N images in this run (exit 75 if work remains)")
+    _add_max_images(run, "start at most N images in this run (exit 75 if work remains)")
     run.add_argument("--max-duration", type=_duration, help="start no new image after this long, e.g. 5h30m, "
                      "90m, 3600 (seconds); exit 75 so the next run resumes")
     run.add_argument("--grace", type=_duration, default=120.0,
@@ -87,8 +86,15 @@ def _add_run(run: argparse.ArgumentParser) -> None:
                      help="exit 1 whenever any item is failed, not only when this run produced new failures")
 
 
+def _add_max_images(parser: argparse.ArgumentParser, text: str) -> None:
+    """``--max-images N`` as documented; ``--limit`` still works but is no longer shown."""
+    parser.add_argument("--max-images", dest="limit", metavar="N", type=_positive_int, help=text)
+    parser.add_argument("--limit", dest="limit", type=_positive_int, help=argparse.SUPPRESS)
+
+
 def _add_doctor(doctor: argparse.ArgumentParser) -> None:
-    doctor.add_argument("manifest", type=Path, nargs="?", help="check for this job's model and region")
+    doctor.add_argument("manifest", type=Path, nargs="?", help="the job's manifest (YAML): check for its model, "
+                        "region and endpoint; without it, the defaults and --model")
     doctor.add_argument("--config", type=Path)
     doctor.add_argument("--region", help="default: the manifest's, else us-east-1")
     doctor.add_argument("--profile", help="AWS named profile")
@@ -96,15 +102,16 @@ def _add_doctor(doctor: argparse.ArgumentParser) -> None:
                         help="without a manifest: which model to check")
     doctor.add_argument("--endpoint-url", help="bedrock-runtime endpoint (e.g. the emulator)")
     doctor.add_argument("--control-endpoint-url", help="endpoint for STS and the bedrock control plane")
-    doctor.add_argument("-v", "--verbose", action="store_true")
-    doctor.add_argument("-q", "--quiet", action="store_true")
+    doctor.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of internal errors")
+    doctor.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
 def _job_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", type=Path)
+    parser.add_argument("manifest", type=Path, help="the job's manifest (YAML); relative paths in it are "
+                        "relative to its folder")
     parser.add_argument("--config", type=Path, help=f"deployment config file (default: ${'{'}BATCH_UPSCALER_CONFIG"
                         f"{'}'} or ./{DEFAULT_CONFIG} if present)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of internal errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="json: one object per line (timestamp, level, job, event, file, attempt, error_code)")

@@ -52,7 +52,8 @@ class ManifestError(UsageError):
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source
         self.problems = problems
-        lines = "\n".join(f"  {p}" for p in problems)
+        # every line of a problem indented alike: a multi-line one (a YAML caret under its column) keeps its shape
+        lines = "\n".join(f"  {line}" for p in problems for line in p.split("\n"))
         super().__init__(f"{source}: invalid configuration:\n{lines}")
 
 

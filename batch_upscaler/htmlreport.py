@@ -258,6 +258,7 @@ def _duration(seconds: float) -> str:
 
 # ---- charts ----------------------------------------------------------------------------------
 _W, _H, _L, _R, _T, _B = 960, 240, 52, 14, 22, 32
+_LABEL_PX = 12 * 0.7  # a generous width of one label character (svg text is 12 px; digits are ~0.55 em)
 
 
 def _nice_ceiling(value: float, *, whole: bool = False) -> float:
@@ -285,6 +286,21 @@ def _y_axis(top: float) -> Iterable[str]:
         y = _T + height * (1 - frac)
         yield f'<line class="grid" x1="{_L}" y1="{y:.1f}" x2="{_W - _R}" y2="{y:.1f}"/>'
         yield f'<text x="{_L - 6}" y="{y + 4:.1f}" text-anchor="end">{_num(top * frac)}</text>'
+
+
+def _x_label(x: float, text: str) -> str:
+    """An x-axis label centred under ``x``, or ending (starting) at ``x`` where centring it would
+    cross the right (left) edge of the viewBox and clip it: the last tick sits on the right edge."""
+    half = len(text) * _LABEL_PX / 2
+    anchor = "end" if x + half > _W else "start" if x - half < 0 else "middle"
+    return f'<text x="{x:.1f}" y="{_H - 10}" text-anchor="{anchor}">{_e(text)}</text>'
+
+
+def _median_label(x: float, text: str) -> str:
+    """The median line's label: right of the line, or left of it when it would run off the right edge."""
+    if x + 4 + len(text) * _LABEL_PX > _W:
+        return f'<text x="{x - 4:.1f}" y="{_T - 6}" text-anchor="end">{_e(text)}</text>'
+    return f'<text x="{x + 4:.1f}" y="{_T - 6}">{_e(text)}</text>'
 
 
 def _bar(x: float, y: float, w: float, h: float, cls: str, tip: str) -> str:
@@ -339,8 +355,7 @@ def _time_ticks(start: int, span: int, px_per_s: float) -> Iterable[str]:
     step = next((s for s in _NICE_TICKS_S if span / s <= 7), 86400 * math.ceil(span / 86400 / 7))
     fmt = "%m-%d %H:%M" if span >= 86400 else "%H:%M" if step >= 60 else "%H:%M:%S"
     for tick in range(-(-start // step) * step, start + span + 1, step):
-        yield (f'<text x="{_L + (tick - start) * px_per_s:.1f}" y="{_H - 10}" text-anchor="middle">'
-               f"{_timestamp(tick, fmt)}</text>")
+        yield _x_label(_L + (tick - start) * px_per_s, _timestamp(tick, fmt))
 
 
 def _timestamp(ts: float, fmt: str) -> str:
@@ -383,10 +398,10 @@ def _histogram_parts(factors: Counter[float], median: float) -> Iterable[str]:
             yield _bar(_L + i * slot + 1, _T + height - h, slot - 2, h, "bar", f"{edge}: {n} image(s)")
     every = max(1, math.ceil(bins / 10))
     for i in range(0, bins + 1, every):
-        yield f'<text x="{_L + i * slot:.1f}" y="{_H - 10}" text-anchor="middle">{_num(lo + i * step)}×</text>'
+        yield _x_label(_L + i * slot, f"{_num(lo + i * step)}×")
     x = _L + (median - lo) / step * slot
     yield f'<line class="median" x1="{x:.1f}" y1="{_T}" x2="{x:.1f}" y2="{_T + height}"/>'
-    yield f'<text x="{x + 4:.1f}" y="{_T - 6}">median {_num(round(median, 3))}×</text>'
+    yield _median_label(x, f"median {_num(round(median, 3))}×")
 
 
 # ---- failure and skip lists ------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Log output formats: readable text for people, or one JSON object per line for machines.
 
+Text lines start with the local date and time and its UTC offset (ISO 8601, seconds); JSON
+``timestamp`` is ISO 8601 UTC with milliseconds.
+
 JSON lines carry ``timestamp``, ``level``, ``job``, ``event``, ``file``, ``attempt``,
 ``error_code`` and ``message``; the structured fields come from ``extra=`` at the call site, the
 job name from the formatter (set at the CLI edge; a formatter, unlike a filter, survives tqdm's
@@ -36,5 +39,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """``2026-12-02T04:20:02+01:00 INFO message``: local time with its UTC offset, so the lines of a
+    log appended to night after night (cron) say which night, and across a DST change, which hour."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return dt.datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="seconds")
+
+
 def text_formatter() -> logging.Formatter:
-    return logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    return TextFormatter()

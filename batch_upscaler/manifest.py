@@ -262,8 +262,12 @@ def load_yaml(path: Path, what: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        detail = str(exc).replace("\n", " ")
-        raise ManifestError(str(path), [f"not valid YAML (or uses tags that build objects): {detail}"]) from None
+        # PyYAML's own lines: "line N, column M:", the source line and a caret under the column.
+        # They stay separate lines (ManifestError indents every line alike, so the caret still points).
+        for mark in (getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)):
+            if mark is not None:
+                mark.name = str(path)  # instead of "<unicode string>"
+        raise ManifestError(str(path), [f"not valid YAML (or uses tags that build objects):\n{exc}"]) from None
 
 
 def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

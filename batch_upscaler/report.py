@@ -4,6 +4,10 @@ Because it reads only the checkpoint, the report is the same whether it is writt
 a run, after an interruption, or later by ``batch-upscaler report``. Items are streamed into
 report.json and items.csv (a 100k-item job never holds its items in memory); every file is
 written to a temporary name and renamed, so a reader never sees half a report.
+
+File names and messages are hostile text: an items.csv cell that a spreadsheet would run as a
+formula gets a leading ``'`` (OWASP's advice), and report.md shows names in code spans and escapes
+every other Markdown-significant character, so no name can become a link, an image or HTML.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 import statistics
 import tempfile
 from collections import defaultdict
@@ -34,6 +39,10 @@ CSV_COLUMNS = ("source", "output", "status", "input_width", "input_height", "sen
                "output_width", "output_height", "scale_factor", "attempts", "throttles", "dedup_of",
                "error_code", "error_message")
 _MD_LIST_LIMIT = 50
+_MD_MESSAGE_CHARS = 160
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # OWASP CSV injection: what a spreadsheet may evaluate
+# Inline Markdown (CommonMark, and GFM's strikethrough, tables and bare URL/e-mail autolinks) needs one of these.
+_MD_SPECIAL = frozenset("\\`*_[]<>&|~#:@!")
 
 
 @dataclass
@@ -42,9 +51,9 @@ class Summary:
 
     totals: dict[str, int] = field(default_factory=dict)
     scale_factors: list[float] = field(default_factory=list)
-    # reason -> (count, first few file names): bounded however many items share a reason
-    failures: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    skips: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    # reason -> first few (file name, message): bounded however many items share a reason
+    failures: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))
+    skips: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))
     reason_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     attempts: int = 0
     throttled_attempts: int = 0
@@ -99,7 +108,7 @@ class ReportWriter:
                 reason_key = f"{row['state']}:{reason}"
                 summary.reason_counts[reason_key] += 1
                 if len(bucket[reason]) < _MD_LIST_LIMIT:
-                    bucket[reason].append(self._source_display(row))
+                    bucket[reason].append((self._source_display(row), _short_message(reason, row["error_message"])))
         summary.totals["discovered"] = sum(summary.totals.values())
         return summary
 
@@ -139,10 +148,11 @@ class ReportWriter:
         for n, row in enumerate(self.checkpoint.items()):
             item = self._item(row)
             js.write(("," if n else "") + "\n    " + json.dumps(item, ensure_ascii=False))
-            table.writerow([item["source"], item["output"], item["status"], *(item["input_size"] or [None, None]),
-                            *(item["sent_size"] or [None, None]), *(item["output_size"] or [None, None]),
-                            item["scale_factor"], item["attempts"], item["throttles"], item["dedup_of"],
-                            item["error_code"], item["error_message"]])
+            table.writerow([csv_cell(cell) for cell in (
+                item["source"], item["output"], item["status"], *(item["input_size"] or [None, None]),
+                *(item["sent_size"] or [None, None]), *(item["output_size"] or [None, None]),
+                item["scale_factor"], item["attempts"], item["throttles"], item["dedup_of"],
+                item["error_code"], item["error_message"])])
             if row["state"] == ItemState.FAILED:
                 failed.write(f"{printable(item['source'])}\n")
         js.write("\n  ]\n}\n")
@@ -174,12 +184,51 @@ def _scale_factor(row: dict[str, Any]) -> float | None:
     return round(float(row["output_width"]) / float(row["width"]), 4)
 
 
+def csv_cell(value: object) -> object:
+    """One items.csv cell: text a spreadsheet would evaluate (``=``, ``+``, ``-``, ``@``, tab, CR first)
+    gets a leading ``'``; numbers and empty cells are written as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def md_code(text: str) -> str:
+    """``text`` as a CommonMark code span: fenced by one backtick more than its longest backtick run,
+    and padded with a space each side when it starts or ends with a backtick or a space."""
+    text = printable(text)
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.strip(" ") and (text[0] in "` " or text[-1] in "` ") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_text(text: str) -> str:
+    """``text`` as literal Markdown text: control characters shown, significant characters backslash-escaped.
+
+    An ``_`` between two letters or digits is left alone (it can neither open nor close emphasis),
+    and ``.`` only after ``www`` (GFM links ``www.`` names), so ordinary reason codes stay readable.
+    """
+    text = printable(text)
+    out: list[str] = []
+    for i, c in enumerate(text):
+        intraword = c == "_" and 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum()
+        www = c == "." and text[max(0, i - 3):i].lower() == "www"
+        out.append("\\" + c if (c in _MD_SPECIAL and not intraword) or www else c)
+    return "".join(out)
+
+
+def _short_message(code: str, message: str | None) -> str:
+    """An item's message for report.md: without its reason code in front, and at most one short line."""
+    text = message or ""
+    text = text.removeprefix(f"{code}: ")
+    return text if len(text) <= _MD_MESSAGE_CHARS else text[:_MD_MESSAGE_CHARS - 1] + "…"
+
+
 def render_markdown(header: dict[str, Any], summary: Summary) -> str:
     t = header["totals"]
     out = io.StringIO()
-    out.write(f"# Upscale report: {header['job']}\n\n")
-    out.write(f"Model **{header['model']}** (`{header['model_id']}`) via {header['backend']}; "
-              f"last run {header['started_at']} → {header['finished_at']}.\n\n")
+    out.write(f"# Upscale report: {md_text(header['job'])}\n\n")
+    out.write(f"Model **{md_text(header['model'])}** ({md_code(header['model_id'])}) via "
+              f"{md_text(header['backend'])}; last run {header['started_at']} → {header['finished_at']}.\n\n")
     out.write("| discovered | succeeded | failed | skipped | pending | requests | throttled | saved by dedup "
               "| est. cost |\n")
     out.write("|---|---|---|---|---|---|---|---|---|\n")
@@ -196,8 +245,9 @@ def render_markdown(header: dict[str, Any], summary: Summary) -> str:
         out.write(f"## {title} by reason\n\n")
         for reason, files in sorted(groups.items()):
             count = summary.reason_counts[f"{state}:{reason}"]
-            out.write(f"### {reason} ({count})\n\n")
-            out.writelines(f"- `{printable(name)}`\n" for name in files)
+            out.write(f"### {md_text(reason)} ({count})\n\n")
+            out.writelines(f"- {md_code(name)}" + (f": {md_text(message)}" if message else "") + "\n"
+                           for name, message in files)
             if count > len(files):
                 out.write(f"- … and {count - len(files)} more (see items.csv)\n")
             out.write("\n")

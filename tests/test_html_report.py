@@ -2,11 +2,13 @@
 
 The job has succeeded images, a too-small one (skipped), a zero-byte .jpg (failed) and a failing
 file whose name holds markup, quotes and a newline. Chromium comes from the distribution's
-packages (``.ci/run`` installs it); without it the browser tests fail rather than skip.
+packages (``.ci/run`` installs it); without it the browser tests fail rather than skip. Layout is
+measured from outside the page over the DevTools protocol (DOM.getBoxModel): the page runs no script.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import io
@@ -21,11 +23,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from PIL import Image
 
-from batch_upscaler.checkpoint import Checkpoint
+from batch_upscaler.checkpoint import Checkpoint, ItemState, Scanned
 from batch_upscaler.cli import main
 from batch_upscaler.htmlreport import render_html
 from batch_upscaler.manifest import load_settings
@@ -224,3 +227,156 @@ def test_thumbnails_are_cached_between_reports(job: Job, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(htmlreport, "_thumbnail", no_decoding)
     assert _render(job.settings, job.header) == first
+
+
+# ---- layout, measured over the DevTools protocol (the page itself has no script) ----------------------
+@dataclass(frozen=True)
+class Box:
+    left: float
+    top: float
+    right: float
+    bottom: float
+
+    def inside(self, outer: Box, slack: float = 0.5) -> bool:
+        return (self.left >= outer.left - slack and self.right <= outer.right + slack
+                and self.top >= outer.top - slack and self.bottom <= outer.bottom + slack)
+
+
+@dataclass(frozen=True)
+class SvgLayout:
+    label: str  # the svg's aria-label
+    box: Box
+    texts: list[tuple[str, Box]]  # each <text> element's content and border box
+
+
+class _Cdp:
+    """Sequential DevTools-protocol calls over one page's websocket; events are kept until asked for."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.last_id = 0
+        self.events: list[dict[str, Any]] = []
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.last_id += 1
+        await self.ws.send_json({"id": self.last_id, "method": method, "params": params})
+        while True:
+            message = await self.ws.receive_json()
+            if message.get("id") == self.last_id:
+                assert "error" not in message, (method, message["error"])
+                return dict(message["result"])
+            self.events.append(message)
+
+    async def event(self, method: str) -> dict[str, Any]:
+        while True:
+            for message in self.events:
+                if message.get("method") == method:
+                    self.events.remove(message)
+                    return message
+            self.events.append(await self.ws.receive_json())
+
+    async def box(self, node_id: int) -> Box:
+        quad = (await self.call("DOM.getBoxModel", nodeId=node_id))["model"]["border"]
+        xs, ys = quad[0::2], quad[1::2]
+        return Box(min(xs), min(ys), max(xs), max(ys))
+
+    async def select(self, node_id: int, selector: str) -> list[int]:
+        return list((await self.call("DOM.querySelectorAll", nodeId=node_id, selector=selector))["nodeIds"])
+
+
+async def _devtools_address(stderr: asyncio.StreamReader) -> str:
+    """host:port from Chromium's ``DevTools listening on ws://HOST:PORT/devtools/browser/...`` line."""
+    while line := (await stderr.readline()).decode(errors="replace"):
+        found = re.search(r"DevTools listening on ws://([^/]+)/", line)
+        if found:
+            return found.group(1)
+    raise AssertionError("Chromium exited without opening its DevTools endpoint")
+
+
+async def _svg_layouts(page: Path, profile: Path) -> list[SvgLayout]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install the distribution's package (apt-get install -y chromium)")
+    browser = await asyncio.create_subprocess_exec(
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+        "--disable-background-networking", "--disable-component-update", "--remote-debugging-port=0",
+        "--window-size=1280,900", f"--user-data-dir={profile}", "about:blank",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    assert browser.stderr is not None
+    try:
+        async with asyncio.timeout(90):
+            address = await _devtools_address(browser.stderr)
+            drain = asyncio.create_task(browser.stderr.read())  # keep the pipe from filling up
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://{address}/json/list") as answer:
+                    targets = await answer.json()
+                url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+                async with http.ws_connect(url, max_msg_size=0) as ws:
+                    layouts = await _measure(_Cdp(ws), page)
+            drain.cancel()
+            return layouts
+    finally:
+        browser.kill()
+        await browser.wait()
+
+
+async def _measure(cdp: _Cdp, page: Path) -> list[SvgLayout]:
+    await cdp.call("Page.enable")
+    await cdp.call("Page.navigate", url=page.as_uri())
+    await cdp.event("Page.loadEventFired")
+    root = (await cdp.call("DOM.getDocument", depth=0))["root"]["nodeId"]
+    layouts = []
+    for svg in await cdp.select(root, "svg"):
+        label = (await cdp.call("DOM.getAttributes", nodeId=svg))["attributes"]
+        texts = []
+        for text in await cdp.select(svg, "text"):
+            markup = (await cdp.call("DOM.getOuterHTML", nodeId=text))["outerHTML"]
+            texts.append((re.sub(r"<[^>]*>", "", markup), await cdp.box(text)))
+        layouts.append(SvgLayout(dict(zip(label[0::2], label[1::2], strict=True)).get("aria-label", ""),
+                                 await cdp.box(svg), texts))
+    return layouts
+
+
+def test_chart_labels_lie_inside_their_svg(job: Job, tmp_path: Path) -> None:
+    layouts = asyncio.run(_svg_layouts(job.html_path, tmp_path / "profile"))
+    assert [svg.label for svg in layouts] == ["items finished per minute", "histogram of scale factors"]
+    for svg in layouts:
+        assert svg.texts and svg.box.right > svg.box.left + 100, svg
+        outside = [(text, box) for text, box in svg.texts if not box.inside(svg.box)]
+        assert outside == [], (svg.label, svg.box, outside)
+
+
+def _edge_case_page(job: Job, directory: Path) -> Path:
+    """A report whose charts end exactly on their right edge: the last time tick, the last histogram
+    label and the median line (most items at the highest factor) all sit there."""
+    settings = dataclasses.replace(job.settings, state_dir=directory)
+    clock = [1796190000.0]  # a whole minute: the time ticks fall on the first and the last bin edge
+    checkpoint = Checkpoint.open(settings.checkpoint_path, settings.name, now=lambda: clock[0])
+    factors = [2.0] + [4.0] * 11  # 12 ten-second bins; scale factors 2x-4x in 21 bins of 0.1x
+    with checkpoint.scan():
+        for i in range(len(factors)):
+            checkpoint.record_scanned(Scanned(key=f"k{i}", seq=i, source="photos", relpath=f"{i}.png", size=1,
+                                              mtime_ns=1, params_hash="h", state=ItemState.PENDING,
+                                              output_path=f"{i}.png", width=100, height=100))
+    for i, factor in enumerate(factors):
+        clock[0] = 1796190000.0 + 10 * i
+        checkpoint.start(f"k{i}")
+        checkpoint.count_attempt(f"k{i}")
+        checkpoint.succeed(f"k{i}", 1, (int(100 * factor), int(100 * factor)))
+    try:
+        page = render_html(settings, checkpoint, job.header, sample_size=0)
+    finally:
+        checkpoint.close()
+    path = directory / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def test_chart_labels_at_the_right_edge_are_not_clipped(job: Job, tmp_path: Path) -> None:
+    page = _edge_case_page(job, tmp_path / "edge")
+    html = page.read_text(encoding="utf-8")
+    assert ">05:42:00</text>" in html and ">4.1×</text>" in html and "median 4×" in html
+    layouts = asyncio.run(_svg_layouts(page, tmp_path / "profile"))
+    assert len(layouts) == 2
+    outside = [(svg.label, svg.box, text, box) for svg in layouts for text, box in svg.texts
+               if not box.inside(svg.box)]
+    assert outside == []

@@ -15,9 +15,14 @@ from batch_upscaler.emulator.faults import FaultKind
 from batch_upscaler.emulator.host import run_forever
 from batch_upscaler.emulator.settings import EmulatorConfig
 
+# --help prints this as plain text (the module docstring's RST markup would show as raw backticks)
+DESCRIPTION = ("Run the Bedrock-compatible emulator in the foreground (a manual, demo and benchmark aid). "
+               "The first line on stdout is 'emulator listening on http://127.0.0.1:PORT' (flushed), so a parent "
+               "process can start it with --port 0 and read the real port back.")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m batch_upscaler.emulator", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m batch_upscaler.emulator", description=DESCRIPTION)
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (default)")
     parser.add_argument("--latency", type=float, default=0.0, help="fixed seconds added to each answer")
     parser.add_argument("--latency-median", type=float, default=None,
