@@ -149,9 +149,11 @@ def _png_late_exif(data: bytes) -> bytes | None:
 # ---------------------------------------------------------------------------------------------- EXIF editing
 
 
-def prepare_exif(exif: bytes, *, strip_gps: bool) -> bytes:
-    """EXIF for an upright output: Orientation = 1, thumbnail IFD dropped and, if asked, GPS removed.
+def prepare_exif(exif: bytes, *, strip_gps: bool, keep_orientation: bool = False) -> bytes:
+    """EXIF for an output: Orientation = 1 (unless kept), thumbnail IFD dropped and, if asked, GPS removed.
 
+    ``keep_orientation`` is for pixels sent as stored (``prepare.orientation: keep``): they still need
+    the source's Orientation tag to be shown upright, so it is left exactly as the source has it.
     Edits the TIFF structure in place instead of using ``PIL.Image.Exif.tobytes()``, which rewrites every
     sub-IFD (UNDEFINED tags become BYTE, SRATIONAL may become RATIONAL) and moves data, breaking the absolute
     offsets inside maker notes. Raises ValueError if ``exif`` is not a readable TIFF structure.
@@ -161,16 +163,46 @@ def prepare_exif(exif: bytes, *, strip_gps: bool) -> bytes:
     (ifd0,) = struct.unpack_from(order + "I", tiff, 4)
     raw_entries = _ifd_entries(tiff, order, ifd0)
     entries = {_entry_tag(entry, order): entry for entry in raw_entries}
-    # The pixels sent for upscaling were already rotated upright, so viewers must not rotate them again.
-    entries[ORIENTATION] = struct.pack(order + "HHIH2x", ORIENTATION, _SHORT, 1, 1)
-    gps = entries.pop(GPS_IFD, None) if strip_gps else None
-    if gps is not None:
-        # Unlinking alone would leave the coordinates in the file for anyone who scans the bytes.
-        _scrub_ifd(tiff, order, struct.unpack_from(order + "I", gps, 8)[0])
-    # Next-IFD offset 0 drops IFD1: its thumbnail shows the un-rotated source, which would now display sideways.
+    if not keep_orientation:
+        # The pixels sent for upscaling were already rotated upright, so viewers must not rotate them again.
+        entries[ORIENTATION] = struct.pack(order + "HHIH2x", ORIENTATION, _SHORT, 1, 1)
+    if strip_gps:
+        _drop_gps(tiff, order, entries)
+    # Next-IFD offset 0 drops IFD1: its thumbnail previews the small source, not the output (and after a
+    # rotation it would even show sideways).
     table = struct.pack(order + "H", len(entries)) + b"".join(entries[t] for t in sorted(entries)) + bytes(4)
     _store_ifd0(tiff, order, ifd0, 2 + 12 * len(raw_entries) + 4, table)
     return bytes(tiff)
+
+
+def exif_orientation(exif: bytes) -> int | None:
+    """The Orientation value in IFD0 (None if absent, not a SHORT, or the EXIF is unreadable)."""
+    try:
+        tiff = _as_tiff(exif) or b""
+        order = _tiff_byte_order(tiff)
+        entries = _ifd_entries(tiff, order, struct.unpack_from(order + "I", tiff, 4)[0])
+    except (ValueError, struct.error):
+        return None
+    for entry in entries:
+        tag, field_type, count, value = struct.unpack(order + "HHIH2x", entry)
+        if tag == ORIENTATION and field_type == _SHORT and count == 1:
+            return int(value)
+    return None
+
+
+def orientation_exif(orientation: int) -> bytes:
+    """A minimal EXIF (TIFF structure) holding only ``orientation``, for outputs that carry no other EXIF."""
+    # header, IFD0 at offset 8 with one entry, the entry, next-IFD offset 0
+    entry = struct.pack("<HHIH2x", ORIENTATION, _SHORT, 1, orientation)
+    return b"II*\x00" + struct.pack("<IH", 8, 1) + entry + bytes(4)
+
+
+def _drop_gps(tiff: bytearray, order: str, entries: dict[int, bytes]) -> None:
+    """Unlink the GPS IFD from ``entries`` (IFD0's, by tag) and zero its contents in ``tiff``."""
+    gps = entries.pop(GPS_IFD, None)
+    if gps is not None:
+        # Unlinking alone would leave the coordinates in the file for anyone who scans the bytes.
+        _scrub_ifd(tiff, order, struct.unpack_from(order + "I", gps, 8)[0])
 
 
 def _tiff_byte_order(tiff: bytes | bytearray) -> str:

@@ -81,5 +81,6 @@ def build_payload(path: Path, expected_size: int, settings: JobSettings) -> Payl
     if len(body) > MAX_BODY_BYTES:  # prepare_image keeps under the cap; this guards the JSON overhead
         raise PayloadError("body_too_large", f"request body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
     metadata = carried_metadata(read_metadata(data), settings.metadata,
-                                colour_converted=header.mode in _COLOUR_CONVERTING_MODES)
+                                colour_converted=header.mode in _COLOUR_CONVERTING_MODES,
+                                keep_orientation=not settings.prepare.apply_orientation)
     return Payload(body, hashlib.sha256(data).hexdigest(), plan, sent, metadata)
