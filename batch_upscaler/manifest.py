@@ -159,7 +159,7 @@ MANIFEST_SCHEMA: Mapping[str, Key] = {
         "dir": Key(is_str, required=True),
         "format": Key(choice(*OutputFormat)),
         "naming": Key(naming_template),
-        "metadata": Key(children={k: Key(boolean) for k in ("exif", "gps", "icc", "mtime")}),
+        "metadata": Key(children={k: Key(boolean) for k in ("exif", "gps", "icc", "mtime", "send_metadata")}),
     }),
     "prepare": Key(children={
         "orientation": Key(choice("apply", "keep")),

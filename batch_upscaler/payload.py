@@ -24,6 +24,7 @@ from batch_upscaler.fitting import Fit, fit
 from batch_upscaler.metadata import SourceMetadata, read_metadata
 from batch_upscaler.prepare import Prepared, PrepareError, prepare_image
 from batch_upscaler.probe import ProbeError, read_header, truncation
+from batch_upscaler.scrub import Scrub
 from batch_upscaler.settings import JobSettings
 
 _COLOUR_CONVERTING_MODES = frozenset({"CMYK", "YCbCr", "LAB"})
@@ -72,7 +73,8 @@ def build_payload(path: Path, expected_size: int, settings: JobSettings) -> Payl
     if not isinstance(plan, Fit):
         raise PayloadError(plan.code, plan.detail)
     try:
-        sent = prepare_image(data, header, plan, settings.model.limits, settings.prepare)
+        sent = prepare_image(data, header, plan, settings.model.limits, settings.prepare,
+                             Scrub.for_settings(settings.metadata))
     except (PrepareError, OSError, ValueError, SyntaxError) as exc:
         code = "truncated" if "truncated" in str(exc) else "cannot_prepare"
         raise PayloadError(code, str(exc)) from None
