@@ -1,8 +1,10 @@
 """Finishing: make the returned image into the output file's bytes.
 
-Normally that is the returned bytes with the source's metadata spliced in (EXIF with Orientation
-reset to 1 and GPS optionally removed, ICC profile), with no decode and no re-encode. Only a padded
-request costs a decode: the padding is cropped off so the output keeps the source's aspect ratio.
+Normally that is the returned bytes with the source's metadata spliced in (EXIF with GPS optionally
+removed, ICC profile), with no decode and no re-encode. The EXIF Orientation follows the pixels: reset
+to 1 when they were rotated upright before sending, the source's own when they were sent as stored
+(``prepare.orientation: keep``), so viewers show the output the way they show the source. Only a
+padded request costs a decode: the padding is cropped off so the output keeps the source's aspect ratio.
 """
 
 from __future__ import annotations
@@ -14,24 +16,42 @@ from dataclasses import dataclass, replace
 from PIL import Image
 
 from batch_upscaler.fitting import Fit
-from batch_upscaler.metadata import SourceMetadata, inject_with_report, prepare_exif
+from batch_upscaler.metadata import (
+    SourceMetadata,
+    exif_orientation,
+    inject_with_report,
+    orientation_exif,
+    prepare_exif,
+)
 from batch_upscaler.outputs import FileParts
 from batch_upscaler.settings import MetadataSettings
 
 log = logging.getLogger(__name__)
 
 
-def carried_metadata(meta: SourceMetadata, settings: MetadataSettings, *, colour_converted: bool) -> SourceMetadata:
-    """The part of the source's metadata the output gets."""
-    exif = None
-    if settings.exif and meta.exif:
-        try:
-            exif = prepare_exif(meta.exif, strip_gps=not settings.gps)
-        except ValueError:  # a broken EXIF directory costs the EXIF, not the picture
-            exif = None
+def carried_metadata(meta: SourceMetadata, settings: MetadataSettings, *, colour_converted: bool,
+                     keep_orientation: bool = False) -> SourceMetadata:
+    """The part of the source's metadata the output gets.
+
+    ``keep_orientation``: the pixels were sent as stored, not rotated (``prepare.orientation: keep``),
+    so the output keeps the source's Orientation tag. Without it such an output shows sideways, so even
+    with ``exif: false`` it gets a minimal EXIF that holds only that tag (when it is not 1).
+    """
     # A CMYK profile does not describe the RGB pixels we sent, so it is not carried over.
     icc = meta.icc_profile if settings.icc and not colour_converted else None
-    return replace(meta, exif=exif, icc_profile=icc)
+    return replace(meta, exif=_carried_exif(meta.exif, settings, keep_orientation), icc_profile=icc)
+
+
+def _carried_exif(source: bytes | None, settings: MetadataSettings, keep_orientation: bool) -> bytes | None:
+    if not source:
+        return None
+    if settings.exif:
+        try:
+            return prepare_exif(source, strip_gps=not settings.gps, keep_orientation=keep_orientation)
+        except ValueError:  # a broken EXIF directory costs the EXIF, not the picture (nor its orientation)
+            pass
+    orientation = exif_orientation(source) if keep_orientation else None
+    return orientation_exif(orientation) if orientation is not None and 2 <= orientation <= 8 else None
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,7 @@ MANIFEST_SCHEMA: Mapping[str, Key] = {
         "naming": Key(naming_template),
         "name_compare": Key(choice(*NameCompare)),
         "shared": Key(boolean),
-        "metadata": Key(children={k: Key(boolean) for k in ("exif", "gps", "icc", "mtime")}),
+        "metadata": Key(children={k: Key(boolean) for k in ("exif", "gps", "icc", "mtime", "send_metadata")}),
     }),
     "prepare": Key(children={
         "orientation": Key(choice("apply", "keep")),

@@ -61,7 +61,7 @@ _JPEG_COLOUR_SPACES: Final = {1: b"GRAY", 3: b"RGB ", 4: b"CMYK"}
 _WEBP_ICC, _WEBP_ALPHA, _WEBP_EXIF = 0x20, 0x10, 0x08
 _WEBP_IMAGE_CHUNKS: Final = frozenset({b"VP8 ", b"VP8L", b"ALPH", b"ANIM", b"ANMF"})
 
-_Span = tuple[bytes, int, int]  # (chunk type, start offset, end offset) of one chunk/segment in a file
+Span = tuple[bytes, int, int]  # (chunk type, start offset, end offset) of one chunk/segment in a file
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Injected:
         return self.parts[0] if len(self.parts) == 1 and isinstance(self.parts[0], bytes) else b"".join(self.parts)
 
 
-class _MalformedError(ValueError):
+class MalformedError(ValueError):
     """The output image's container structure is not what its signature promises."""
 
 
@@ -110,7 +110,7 @@ def read_metadata(path_or_bytes: str | os.PathLike[str] | bytes) -> SourceMetada
     return SourceMetadata(exif=exif, icc_profile=icc if isinstance(icc, bytes) else None)
 
 
-def _as_tiff(payload: bytes) -> bytes | None:
+def as_tiff(payload: bytes) -> bytes | None:
     """The TIFF structure inside an EXIF payload, or None if there is none (some writers double the prefix)."""
     while payload.startswith(EXIF_HEADER):
         payload = payload[len(EXIF_HEADER):]
@@ -124,7 +124,7 @@ def _exif_from_info(raw: object, legacy: object) -> bytes | None:
             raw = bytes.fromhex("".join(legacy.split("\n")[3:]))
         except ValueError:
             return None
-    return _as_tiff(raw) if isinstance(raw, bytes) else None
+    return as_tiff(raw) if isinstance(raw, bytes) else None
 
 
 def _tiff_exif(im: TiffImagePlugin.TiffImageFile) -> bytes | None:
@@ -132,45 +132,99 @@ def _tiff_exif(im: TiffImagePlugin.TiffImageFile) -> bytes | None:
     exif = im.getexif()
     for tag in [tag for tag in exif if tag not in _DESCRIPTIVE_IFD0_TAGS]:
         del exif[tag]
-    return _as_tiff(exif.tobytes()) if len(exif) else None
+    return as_tiff(exif.tobytes()) if len(exif) else None
 
 
 def _png_late_exif(data: bytes) -> bytes | None:
     try:
-        chunks = _png_chunks(data)
-    except _MalformedError:
+        chunks = png_chunks(data)
+    except MalformedError:
         return None
     for ctype, start, end in chunks:
         if ctype == b"eXIf":
-            return _as_tiff(data[start + 8:end - 4])
+            return as_tiff(data[start + 8:end - 4])
     return None
 
 
 # ---------------------------------------------------------------------------------------------- EXIF editing
 
 
-def prepare_exif(exif: bytes, *, strip_gps: bool) -> bytes:
-    """EXIF for an upright output: Orientation = 1, thumbnail IFD dropped and, if asked, GPS removed.
+def prepare_exif(exif: bytes, *, strip_gps: bool, keep_orientation: bool = False) -> bytes:
+    """EXIF for an output: Orientation = 1 (unless kept), thumbnail IFD dropped and, if asked, GPS removed.
 
+    ``keep_orientation`` is for pixels sent as stored (``prepare.orientation: keep``): they still need
+    the source's Orientation tag to be shown upright, so it is left exactly as the source has it.
     Edits the TIFF structure in place instead of using ``PIL.Image.Exif.tobytes()``, which rewrites every
     sub-IFD (UNDEFINED tags become BYTE, SRATIONAL may become RATIONAL) and moves data, breaking the absolute
     offsets inside maker notes. Raises ValueError if ``exif`` is not a readable TIFF structure.
     """
-    tiff = bytearray(_as_tiff(exif) or b"")
+    tiff = bytearray(as_tiff(exif) or b"")
     order = _tiff_byte_order(tiff)
     (ifd0,) = struct.unpack_from(order + "I", tiff, 4)
     raw_entries = _ifd_entries(tiff, order, ifd0)
     entries = {_entry_tag(entry, order): entry for entry in raw_entries}
-    # The pixels sent for upscaling were already rotated upright, so viewers must not rotate them again.
-    entries[ORIENTATION] = struct.pack(order + "HHIH2x", ORIENTATION, _SHORT, 1, 1)
-    gps = entries.pop(GPS_IFD, None) if strip_gps else None
-    if gps is not None:
-        # Unlinking alone would leave the coordinates in the file for anyone who scans the bytes.
-        _scrub_ifd(tiff, order, struct.unpack_from(order + "I", gps, 8)[0])
-    # Next-IFD offset 0 drops IFD1: its thumbnail shows the un-rotated source, which would now display sideways.
+    if not keep_orientation:
+        # The pixels sent for upscaling were already rotated upright, so viewers must not rotate them again.
+        entries[ORIENTATION] = struct.pack(order + "HHIH2x", ORIENTATION, _SHORT, 1, 1)
+    if strip_gps:
+        _drop_gps(tiff, order, entries)
+    # Next-IFD offset 0 drops IFD1: its thumbnail previews the small source, not the output (and after a
+    # rotation it would even show sideways).
     table = struct.pack(order + "H", len(entries)) + b"".join(entries[t] for t in sorted(entries)) + bytes(4)
     _store_ifd0(tiff, order, ifd0, 2 + 12 * len(raw_entries) + 4, table)
     return bytes(tiff)
+
+
+def without_gps(exif: bytes) -> bytes:
+    """``exif`` as TIFF (an ``Exif\\0\\0`` prefix is dropped) with its GPS IFD unlinked and zeroed, nothing moved.
+
+    Unlike :func:`prepare_exif` it keeps everything else as it was: the length, the thumbnail IFD and
+    every offset, so an EXIF block can be swapped for this one in a file that is otherwise sent as is.
+    Raises ValueError if ``exif`` is not a readable TIFF structure.
+    """
+    tiff = bytearray(as_tiff(exif) or b"")
+    order = _tiff_byte_order(tiff)
+    (ifd0,) = struct.unpack_from(order + "I", tiff, 4)
+    raw_entries = _ifd_entries(tiff, order, ifd0)
+    entries = {_entry_tag(entry, order): entry for entry in raw_entries}
+    if GPS_IFD not in entries:
+        return bytes(tiff)
+    _drop_gps(tiff, order, entries)
+    old_size = 2 + 12 * len(raw_entries) + 4
+    next_ifd = bytes(tiff[ifd0 + old_size - 4:ifd0 + old_size])  # IFD1 (the thumbnail) stays linked
+    kept = [entry for entry in raw_entries if _entry_tag(entry, order) != GPS_IFD]  # in their original order
+    _store_ifd0(tiff, order, ifd0, old_size, struct.pack(order + "H", len(kept)) + b"".join(kept) + next_ifd)
+    return bytes(tiff)
+
+
+def exif_orientation(exif: bytes) -> int | None:
+    """The Orientation value in IFD0 (None if absent, not a SHORT, or the EXIF is unreadable)."""
+    try:
+        tiff = as_tiff(exif) or b""
+        order = _tiff_byte_order(tiff)
+        entries = _ifd_entries(tiff, order, struct.unpack_from(order + "I", tiff, 4)[0])
+    except (ValueError, struct.error):
+        return None
+    for entry in entries:
+        tag, field_type, count, value = struct.unpack(order + "HHIH2x", entry)
+        if tag == ORIENTATION and field_type == _SHORT and count == 1:
+            return int(value)
+    return None
+
+
+def orientation_exif(orientation: int) -> bytes:
+    """A minimal EXIF (TIFF structure) holding only ``orientation``, for outputs that carry no other EXIF."""
+    # header, IFD0 at offset 8 with one entry, the entry, next-IFD offset 0
+    entry = struct.pack("<HHIH2x", ORIENTATION, _SHORT, 1, orientation)
+    return b"II*\x00" + struct.pack("<IH", 8, 1) + entry + bytes(4)
+
+
+def _drop_gps(tiff: bytearray, order: str, entries: dict[int, bytes]) -> None:
+    """Unlink the GPS IFD from ``entries`` (IFD0's, by tag) and zero its contents in ``tiff``."""
+    gps = entries.pop(GPS_IFD, None)
+    if gps is not None:
+        # Unlinking alone would leave the coordinates in the file for anyone who scans the bytes.
+        _scrub_ifd(tiff, order, struct.unpack_from(order + "I", gps, 8)[0])
 
 
 def _tiff_byte_order(tiff: bytes | bytearray) -> str:
@@ -247,11 +301,11 @@ def inject_with_report(image: bytes, meta: SourceMetadata) -> Injected:
     splicer = _splicer_for(image)
     if splicer is None:
         return Injected((image,), ("output format not recognised: metadata not injected",))
-    exif = None if meta.exif is None else _as_tiff(meta.exif)
+    exif = None if meta.exif is None else as_tiff(meta.exif)
     skipped = ("exif: not TIFF-structured",) if meta.exif is not None and exif is None else ()
     try:
         result = splicer(image, exif, meta.icc_profile)
-    except _MalformedError as exc:
+    except MalformedError as exc:
         return Injected((image,), (f"output image malformed, metadata not injected: {exc}",))
     return Injected(result.parts, skipped + result.skipped)
 
@@ -283,42 +337,42 @@ def _nonempty(parts: Sequence[bytes | memoryview]) -> tuple[bytes | memoryview, 
 # ---------------------------------------------------------------------------------------------- PNG
 
 
-def _png_chunks(data: bytes) -> list[_Span]:
+def png_chunks(data: bytes) -> list[Span]:
     """Every chunk up to and including IEND; trailing bytes after IEND are not chunks."""
     if not data.startswith(_PNG_SIGNATURE):
-        raise _MalformedError("no PNG signature")
-    chunks: list[_Span] = []
+        raise MalformedError("no PNG signature")
+    chunks: list[Span] = []
     pos = len(_PNG_SIGNATURE)
     while not chunks or chunks[-1][0] != b"IEND":
         if pos + 12 > len(data):
-            raise _MalformedError("PNG ends before IEND")
+            raise MalformedError("PNG ends before IEND")
         (length,) = struct.unpack_from(">I", data, pos)
         end = pos + 12 + length
         if end > len(data):
-            raise _MalformedError(f"PNG chunk {data[pos + 4:pos + 8]!r} runs past the end of the file")
+            raise MalformedError(f"PNG chunk {data[pos + 4:pos + 8]!r} runs past the end of the file")
         chunks.append((data[pos + 4:pos + 8], pos, end))
         pos = end
     if chunks[0][0] != b"IHDR" or chunks[0][2] - chunks[0][1] != 25:
-        raise _MalformedError("PNG does not start with a 13-byte IHDR")
+        raise MalformedError("PNG does not start with a 13-byte IHDR")
     return chunks
 
 
-def _png_chunk(ctype: bytes, payload: bytes) -> bytes:
+def png_chunk(ctype: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + ctype + payload + struct.pack(">I", zlib.crc32(ctype + payload))
 
 
 def _splice_png(image: bytes, exif: bytes | None, icc: bytes | None) -> Injected:
-    chunks = _png_chunks(image)
+    chunks = png_chunks(image)
     colour_type = image[chunks[0][1] + 17]  # IHDR: width(4) height(4) depth(1) colour type(1)
     problem = None if icc is None else _icc_problem(icc, b"GRAY" if colour_type in _PNG_GREY_TYPES else b"RGB ")
     new: list[bytes] = []
     drop: set[bytes] = set()
     if icc is not None and problem is None:
         # name, NUL, compression method 0 (zlib); iCCP must precede PLTE and IDAT, so it goes right after IHDR
-        new.append(_png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc)))
+        new.append(png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc)))
         drop |= _PNG_COLOUR_CHUNKS
     if exif is not None:
-        new.append(_png_chunk(b"eXIf", exif))  # eXIf must precede IDAT; only one is allowed
+        new.append(png_chunk(b"eXIf", exif))  # eXIf must precede IDAT; only one is allowed
         drop.add(b"eXIf")
     skipped = (problem,) if problem else ()
     if not new:
@@ -343,13 +397,13 @@ def _merged_views(view: memoryview, spans: list[tuple[int, int]]) -> list[memory
 # ---------------------------------------------------------------------------------------------- JPEG
 
 
-def _jpeg_header_segments(data: bytes) -> tuple[list[_Span], int]:
+def _jpeg_header_segments(data: bytes) -> tuple[list[Span], int]:
     """The marker segments between SOI and the first SOS, and the offset of that SOS."""
-    segments: list[_Span] = []
+    segments: list[Span] = []
     pos = len(_JPEG_SOI)
     while True:
         if pos + 4 > len(data) or data[pos] != 0xFF:
-            raise _MalformedError(f"no JPEG marker at offset {pos}")
+            raise MalformedError(f"no JPEG marker at offset {pos}")
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
@@ -358,36 +412,36 @@ def _jpeg_header_segments(data: bytes) -> tuple[list[_Span], int]:
             pos += 2
             continue
         if marker == _JPEG_EOI:
-            raise _MalformedError("JPEG has no scan (EOI before SOS)")
+            raise MalformedError("JPEG has no scan (EOI before SOS)")
         end = pos + 2 + struct.unpack_from(">H", data, pos + 2)[0]
         if end > len(data) or end < pos + 4:
-            raise _MalformedError(f"JPEG segment 0x{marker:02X} at {pos} has a bad length")
+            raise MalformedError(f"JPEG segment 0x{marker:02X} at {pos} has a bad length")
         if marker == _JPEG_SOS:
             return segments, pos
         segments.append((bytes((marker,)), pos, end))
         pos = end
 
 
-def _jpeg_segment(marker: int, payload: bytes) -> bytes:
+def jpeg_segment(marker: int, payload: bytes) -> bytes:
     return bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload
 
 
-def _jpeg_colour_space(data: bytes, segments: list[_Span]) -> bytes:
+def _jpeg_colour_space(data: bytes, segments: list[Span]) -> bytes:
     for marker, start, end in segments:
         if marker[0] in _JPEG_SOF_MARKERS and end - start >= 10:
             # SOF: length(2) precision(1) height(2) width(2) component count(1)
             return _JPEG_COLOUR_SPACES.get(data[start + 9], b"????")
-    raise _MalformedError("JPEG has no SOF segment before its first scan")
+    raise MalformedError("JPEG has no SOF segment before its first scan")
 
 
 def _icc_app2_segments(profile: bytes) -> list[bytes]:
     """The ICC spec's APP2 chain: 'ICC_PROFILE\\0', 1-based sequence number, total count, then the chunk."""
     parts = [profile[i:i + _ICC_CHUNK] for i in range(0, len(profile), _ICC_CHUNK)]
-    return [_jpeg_segment(_JPEG_APP2, _ICC_SIGNATURE + bytes((n, len(parts))) + part)
+    return [jpeg_segment(_JPEG_APP2, _ICC_SIGNATURE + bytes((n, len(parts))) + part)
             for n, part in enumerate(parts, start=1)]
 
 
-def _is_app(data: bytes, span: _Span, marker: int, signature: bytes) -> bool:
+def _is_app(data: bytes, span: Span, marker: int, signature: bytes) -> bool:
     return span[0][0] == marker and data[span[1] + 4:span[1] + 4 + len(signature)] == signature
 
 
@@ -407,7 +461,7 @@ def _splice_jpeg(image: bytes, exif: bytes | None, icc: bytes | None) -> Injecte
             icc = None
     if exif is None and icc is None:
         return Injected((image,), tuple(skipped))
-    new = [_jpeg_segment(_JPEG_APP1, EXIF_HEADER + exif)] if exif is not None else []
+    new = [jpeg_segment(_JPEG_APP1, EXIF_HEADER + exif)] if exif is not None else []
     new += _icc_app2_segments(icc) if icc is not None else []
     kept = [span for span in segments
             if not (exif is not None and _is_app(image, span, _JPEG_APP1, EXIF_HEADER))
@@ -423,32 +477,32 @@ def _splice_jpeg(image: bytes, exif: bytes | None, icc: bytes | None) -> Injecte
 # ---------------------------------------------------------------------------------------------- WebP
 
 
-def _riff_chunks(data: bytes) -> list[_Span]:
+def riff_chunks(data: bytes) -> list[Span]:
     """The chunks of a RIFF/WEBP file; each span includes the pad byte that keeps chunks at even offsets."""
     file_end = 8 + struct.unpack_from("<I", data, 4)[0]
     if file_end > len(data) or file_end % 2:
-        raise _MalformedError("RIFF size does not match the file")
-    chunks: list[_Span] = []
+        raise MalformedError("RIFF size does not match the file")
+    chunks: list[Span] = []
     pos = 12
     while pos < file_end:
         if pos + 8 > file_end:
-            raise _MalformedError("truncated RIFF chunk header")
+            raise MalformedError("truncated RIFF chunk header")
         size = struct.unpack_from("<I", data, pos + 4)[0]
         end = pos + 8 + size + (size & 1)
         if end > file_end:
-            raise _MalformedError(f"WebP chunk {data[pos:pos + 4]!r} runs past the RIFF end")
+            raise MalformedError(f"WebP chunk {data[pos:pos + 4]!r} runs past the RIFF end")
         chunks.append((data[pos:pos + 4], pos, end))
         pos = end
     if not chunks:
-        raise _MalformedError("WebP has no chunks")
+        raise MalformedError("WebP has no chunks")
     return chunks
 
 
-def _riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
+def riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
     return fourcc + struct.pack("<I", len(payload)) + payload + b"\x00" * (len(payload) & 1)
 
 
-def _simple_webp_header(data: bytes, chunk: _Span) -> tuple[int, bytes]:
+def _simple_webp_header(data: bytes, chunk: Span) -> tuple[int, bytes]:
     """VP8X alpha flag and 24-bit canvas (width-1, height-1) read from a simple file's bitstream header."""
     fourcc, start, end = chunk
     head = data[start + 8:min(end, start + 18)]
@@ -460,19 +514,19 @@ def _simple_webp_header(data: bytes, chunk: _Span) -> tuple[int, bytes]:
         bits = struct.unpack_from("<I", head, 1)[0]  # width-1 (14) height-1 (14) alpha_is_used (1) version (3)
         width, height, alpha = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, bool(bits >> 28 & 1)
     else:
-        raise _MalformedError(f"WebP does not start with a VP8X, VP8 or VP8L header (found {fourcc!r})")
+        raise MalformedError(f"WebP does not start with a VP8X, VP8 or VP8L header (found {fourcc!r})")
     if not width or not height:
-        raise _MalformedError("WebP bitstream declares an empty canvas")
+        raise MalformedError("WebP bitstream declares an empty canvas")
     canvas = struct.pack("<I", width - 1)[:3] + struct.pack("<I", height - 1)[:3]
     return (_WEBP_ALPHA if alpha else 0), canvas
 
 
 def _splice_webp(image: bytes, exif: bytes | None, icc: bytes | None) -> Injected:
-    chunks = _riff_chunks(image)
+    chunks = riff_chunks(image)
     if chunks[0][0] == b"VP8X":
         start = chunks[0][1]
         if chunks[0][2] - start < 18:
-            raise _MalformedError("VP8X chunk is shorter than 10 bytes")
+            raise MalformedError("VP8X chunk is shorter than 10 bytes")
         flags, canvas, body = image[start + 8], image[start + 12:start + 18], chunks[1:]
     else:
         (flags, canvas), body = _simple_webp_header(image, chunks[0]), chunks
@@ -487,12 +541,12 @@ def _splice_webp(image: bytes, exif: bytes | None, icc: bytes | None) -> Injecte
     # Extended layout: VP8X, ICCP, image data (ALPH/VP8/VP8L or ANIM/ANMF), EXIF, then XMP and unknown chunks.
     if exif is not None:
         after_image = max((i + 1 for i, (fourcc, _) in enumerate(parts) if fourcc in _WEBP_IMAGE_CHUNKS), default=0)
-        parts.insert(after_image, (b"EXIF", _riff_chunk(b"EXIF", exif)))
+        parts.insert(after_image, (b"EXIF", riff_chunk(b"EXIF", exif)))
     if icc is not None:
-        parts.insert(0, (b"ICCP", _riff_chunk(b"ICCP", icc)))
+        parts.insert(0, (b"ICCP", riff_chunk(b"ICCP", icc)))
     present = {fourcc for fourcc, _ in parts}
     flags = flags & ~(_WEBP_ICC | _WEBP_EXIF)
     flags |= (_WEBP_ICC if b"ICCP" in present else 0) | (_WEBP_EXIF if b"EXIF" in present else 0)
-    chunk_data = [_riff_chunk(b"VP8X", bytes((flags, 0, 0, 0)) + canvas), *(data for _, data in parts)]
+    chunk_data = [riff_chunk(b"VP8X", bytes((flags, 0, 0, 0)) + canvas), *(data for _, data in parts)]
     riff_size = 4 + sum(len(data) for data in chunk_data)
     return Injected(_nonempty([b"RIFF", struct.pack("<I", riff_size), b"WEBP", *chunk_data]), skipped)

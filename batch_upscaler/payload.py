@@ -24,6 +24,7 @@ from batch_upscaler.fitting import Fit, fit
 from batch_upscaler.metadata import SourceMetadata, read_metadata
 from batch_upscaler.prepare import Prepared, PrepareError, prepare_image
 from batch_upscaler.probe import ProbeError, read_header, truncation
+from batch_upscaler.scrub import Scrub
 from batch_upscaler.settings import JobSettings
 
 _COLOUR_CONVERTING_MODES = frozenset({"CMYK", "YCbCr", "LAB"})
@@ -73,7 +74,8 @@ def build_payload(path: Path, expected_size: int, settings: JobSettings) -> Payl
     if not isinstance(plan, Fit):
         raise PayloadError(plan.code, plan.detail)
     try:
-        sent = prepare_image(data, header, plan, settings.model.limits, settings.prepare)
+        sent = prepare_image(data, header, plan, settings.model.limits, settings.prepare,
+                             Scrub.for_settings(settings.metadata))
     except (PrepareError, OSError, ValueError, SyntaxError) as exc:
         code = "truncated" if "truncated" in str(exc) else "cannot_prepare"
         raise PayloadError(code, str(exc)) from None
@@ -83,5 +85,6 @@ def build_payload(path: Path, expected_size: int, settings: JobSettings) -> Payl
     if len(body) > MAX_BODY_BYTES:  # prepare_image keeps under the cap; this guards the JSON overhead
         raise PayloadError("body_too_large", f"request body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
     metadata = carried_metadata(read_metadata(data), settings.metadata,
-                                colour_converted=header.mode in _COLOUR_CONVERTING_MODES)
+                                colour_converted=header.mode in _COLOUR_CONVERTING_MODES,
+                                keep_orientation=not settings.prepare.apply_orientation)
     return Payload(body, hashlib.sha256(data).hexdigest(), plan, sent, metadata, output_format)

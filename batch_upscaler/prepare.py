@@ -1,11 +1,14 @@
 """Preparation: turn a source file's bytes into the image bytes sent, following its Fit.
 
-A file that fits as it is goes byte-for-byte (faithful and free). Anything else is decoded once:
+A file that fits as it is goes byte-for-byte (faithful and free), less the metadata that
+``output.metadata`` keeps from the service (batch_upscaler.scrub; pixel data untouched; a file whose
+structure cannot be walked for that is re-encoded instead). Anything else is decoded once:
 first frame, 16-bit scaled to 8-bit, CMYK/palette/grayscale-alpha converted, EXIF rotation
 applied, alpha flattened on the background colour (or kept), padded, resized with Lanczos, then
 encoded losslessly (PNG) unless the source was already lossy (JPEG/WebP → JPEG quality 95). If
 the request body would pass the 25,000,000-byte cap the image is re-encoded as JPEG, then at lower
-quality, then downscaled, until it fits.
+quality, then downscaled, until it fits. A re-encoded image carries no EXIF, XMP or comment: at
+most an ICC profile that describes its pixels.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from PIL import Image, ImageOps
 from batch_upscaler.catalogue import InputLimits, check_image, max_image_bytes
 from batch_upscaler.fitting import Fit
 from batch_upscaler.probe import ImageHeader
+from batch_upscaler.scrub import Scrub, scrub_metadata
 from batch_upscaler.settings import AlphaPolicy, PrepareSettings
 
 _LOSSY_SOURCES = frozenset({"JPEG", "MPO", "WEBP"})
@@ -37,11 +41,16 @@ class Prepared:
 
 
 def prepare_image(data: bytes, header: ImageHeader, plan: Fit, limits: InputLimits,
-                  settings: PrepareSettings) -> Prepared:
-    """The image to send for ``data``; byte-for-byte when the plan allows and the body fits."""
+                  settings: PrepareSettings, scrub: Scrub = Scrub.NOTHING) -> Prepared:
+    """The image to send for ``data``; byte-for-byte (less ``scrub``) when the plan allows and the body fits."""
     cap = max_image_bytes(limits)
     if plan.as_is and len(data) <= cap:
-        return Prepared(data, _sent_format(header.pil_format), (header.width, header.height), False)
+        try:
+            sent = scrub_metadata(data, scrub)
+        except ValueError:  # MalformedError: metadata cannot be told from pixel data without a decode,
+            pass  # so the file is re-encoded below, which writes none
+        else:
+            return Prepared(sent, _sent_format(header.pil_format), (header.width, header.height), False)
     with Image.open(io.BytesIO(data)) as im:
         im.seek(0)
         im.load()  # decode now: the file behind ``im`` closes with this block
@@ -107,7 +116,7 @@ def _colour(im: Image.Image, header: ImageHeader, settings: PrepareSettings) -> 
 
 def _encode_within(im: Image.Image, preferred: str, cap: int, limits: InputLimits) -> Prepared:
     """Encode ``im``; fall back to JPEG, lower quality, then smaller sizes until under ``cap``."""
-    current = im
+    current = _without_metadata(im)
     while True:
         for fmt, quality in _attempts(preferred, current.mode):
             data = _encode(current, fmt, quality)
@@ -117,6 +126,19 @@ def _encode_within(im: Image.Image, preferred: str, cap: int, limits: InputLimit
         if check_image(limits, *smaller) is not None:
             raise PrepareError(f"cannot encode {im.width}x{im.height} under the {limits.max_body_bytes}-byte body cap")
         current = current.resize(smaller, Image.Resampling.LANCZOS)
+
+
+def _without_metadata(im: Image.Image) -> Image.Image:
+    """``im`` with nothing left in ``info`` but an ICC profile that describes its pixels.
+
+    Pillow's writers copy parts of ``info``, which still holds the decoded source's metadata, into the
+    file (JPEG its comment, PNG its ICC profile, depending on the version also EXIF). A profile for
+    another colour space (CMYK, after conversion to RGB) would make the sent colours wrong.
+    """
+    icc = im.info.get("icc_profile")
+    space = b"GRAY" if im.mode == "L" else b"RGB "
+    im.info = {"icc_profile": icc} if isinstance(icc, bytes) and icc[16:20] == space else {}
+    return im
 
 
 def _attempts(preferred: str, mode: str) -> list[tuple[str, int]]:

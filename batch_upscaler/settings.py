@@ -87,12 +87,13 @@ class PrepareSettings:
 
 @dataclass(frozen=True)
 class MetadataSettings:
-    """What is carried from each source to its output (spliced in, never re-encoded)."""
+    """What is carried from each source to its output (spliced in, never re-encoded), and what is sent."""
 
     exif: bool = True
-    gps: bool = True
+    gps: bool = True  # false also keeps the GPS out of what is sent
     icc: bool = True
     mtime: bool = True
+    send_metadata: bool = True  # false: EXIF, XMP, IPTC and comments are stripped from what is sent
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,12 @@ class RunOptions:
 
 
 def request_fingerprint(settings: JobSettings) -> str:
-    """Hash of everything besides the image that affects what is sent or returned."""
+    """Hash of everything besides the image that affects what is returned.
+
+    ``metadata`` is left out on purpose, ``send_metadata`` and ``gps`` included: they only take
+    metadata out of the bytes sent, never pixels, so the model returns the same image and finished
+    items need not be paid for again. (The output's metadata comes from the source file.)
+    """
     prepare = dataclasses.asdict(settings.prepare)
     del prepare["min_gain"]  # decides whether to send, not what is sent: see checks_fingerprint
     canonical = json.dumps({"model": settings.model.base_id, "params": dict(settings.params),

@@ -15,7 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from batch_upscaler.catalogue import ModelSpec
 from batch_upscaler.emulator import EmulatorConfig, EmulatorThread
+from batch_upscaler.emulator import server as emulator_server
+from batch_upscaler.emulator.request import InvokeRequest
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_OUTPUT = 128 * 128  # keeps emulator outputs tiny so tests stay fast
@@ -128,6 +131,25 @@ def emulator_factory() -> Iterator[Callable[..., EmulatorThread]]:
     yield start
     for emulator in started:
         emulator.stop()
+
+
+@pytest.fixture
+def received_images(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
+    """Every image an in-process emulator decoded from a request body, keyed like the request log (sha256).
+
+    The request log deliberately never holds a body, so tests that must look inside what was sent
+    capture it here, at the emulator's own body parser (the server runs it in a worker thread).
+    """
+    seen: dict[str, bytes] = {}
+    parse = emulator_server.parse_body
+
+    def capture(body: bytes, spec: ModelSpec) -> InvokeRequest:
+        invoke = parse(body, spec)
+        seen[invoke.image_sha256] = invoke.image
+        return invoke
+
+    monkeypatch.setattr(emulator_server, "parse_body", capture)
+    return seen
 
 
 def cli_env() -> dict[str, str]:

@@ -10,7 +10,7 @@ import pytest
 from batch_upscaler.cli import main
 from batch_upscaler.errors import ManifestError
 from batch_upscaler.manifest import load_settings
-from batch_upscaler.settings import Backend, OutputFormat
+from batch_upscaler.settings import Backend, MetadataSettings, OutputFormat, request_fingerprint
 from tests.conftest import manifest_doc
 
 
@@ -49,12 +49,26 @@ def doc_problems(tmp_path: Path, doc: dict[str, Any]) -> list[str]:
     ({"output": {"naming": "{stem}-{size}"}}, "output.naming: unknown field(s) {size}"),
     ({"output": {"naming": "fixed"}}, "output.naming: must use at least one field"),
     ({"output": {"metadata": {"gps": "no"}}}, "output.metadata.gps: must be true or false, got str 'no'"),
+    ({"output": {"metadata": {"send_metadata": 0}}}, "output.metadata.send_metadata: must be true or false, got int 0"),
     ({"prepare": {"oversize": "crop"}}, "prepare.oversize: must be one of downscale, skip, got 'crop'"),
     ({"prepare": {"background": "white"}}, "prepare.background: must be a colour like '#ffffff'"),
 ])
 def test_bad_values_name_their_key_path(tmp_path: Path, overrides: dict[str, Any], expected: str) -> None:
     problems = doc_problems(tmp_path, manifest_doc(**overrides))
     assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_send_metadata_is_read_and_leaves_the_request_fingerprint_alone(tmp_path: Path) -> None:
+    import yaml
+
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(manifest_doc()))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(manifest_doc(output={"metadata": {"send_metadata": False,
+                                                                                     "gps": False}})))
+    default, stripped = load_settings(tmp_path / "a.yaml"), load_settings(tmp_path / "b.yaml")
+    assert default.metadata.send_metadata is True
+    assert stripped.metadata == MetadataSettings(gps=False, send_metadata=False)
+    # Only metadata leaves what is sent, so the returned image, and finished items, stay valid.
+    assert request_fingerprint(default) == request_fingerprint(stripped)
 
 
 @pytest.mark.parametrize(("model", "expected"), [

@@ -16,8 +16,10 @@ from PIL.ExifTags import IFD
 
 from batch_upscaler.metadata import (
     SourceMetadata,
+    exif_orientation,
     inject,
     inject_with_report,
+    orientation_exif,
     prepare_exif,
     read_metadata,
 )
@@ -533,6 +535,42 @@ def test_prepare_exif_adds_a_missing_orientation() -> None:
     assert loaded.get_ifd(IFD.Exif)[DATETIME_ORIGINAL] == TAKEN
     assert loaded.get_ifd(IFD.GPSInfo)[2] == LATITUDE
     assert prepare_exif(prepared, strip_gps=False) == prepared
+
+
+def test_prepare_exif_keeps_the_source_orientation_when_asked() -> None:
+    source = _source_exif().tobytes()  # Orientation 6
+    kept = prepare_exif(source, strip_gps=True, keep_orientation=True)
+    exif = Image.Exif()
+    exif.load(kept)
+    assert (exif[0x0112], exif[MAKE]) == (6, "Canon") and IFD.GPSInfo not in exif
+    assert exif.get_ifd(IFD.Exif)[DATETIME_ORIGINAL] == TAKEN
+    assert exif_orientation(kept) == 6 and exif_orientation(prepare_exif(source, strip_gps=True)) == 1
+
+
+@pytest.mark.parametrize("order", ["<", ">"], ids=["intel", "motorola"])
+def test_prepare_exif_keeping_orientation_adds_none_and_changes_nothing_else(order: str) -> None:
+    source = _camera_exif(order)  # no Orientation tag, as some cameras write it
+    before, after = _raw_ifds(source), _raw_ifds(prepare_exif(source, strip_gps=False, keep_orientation=True))
+    assert exif_orientation(source) is None
+    assert after["ifd0"] == before["ifd0"] and after["exif"] == before["exif"] and after["gps"] == before["gps"]
+    assert "ifd1" not in after
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_minimal_orientation_exif_holds_only_the_orientation(orientation: int) -> None:
+    minimal = orientation_exif(orientation)
+    exif = Image.Exif()
+    exif.load(minimal)
+    assert dict(exif) == {0x0112: orientation}
+    assert exif_orientation(minimal) == orientation
+    for output in ("png", "jpeg-jfif", "webp-lossy"):
+        with Image.open(io.BytesIO(inject(OUTPUTS[output](), SourceMetadata(minimal, None)))) as im:
+            assert dict(im.getexif()) == {0x0112: orientation}, output
+
+
+@pytest.mark.parametrize("garbage", [b"", b"II*\0", b"not exif", b"MM\0*\0\0\0\x08\0\x09"])
+def test_exif_orientation_of_unreadable_exif_is_none(garbage: bytes) -> None:
+    assert exif_orientation(garbage) is None
 
 
 @pytest.mark.parametrize("garbage", [
