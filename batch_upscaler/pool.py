@@ -268,12 +268,15 @@ class WorkerPool:
         self.limiter.on_throttle(retry_after)
 
     async def _send(self, item: WorkItem, payload: Payload) -> bytes | AttemptError | None:
-        """One attempt, once the budget and the rate allow it; None when the run stops first."""
+        """One attempt, once the rate and the budget allow it; None when the run stops first.
+
+        The rate comes first: a price reserved is then spent at once, so every request that fits the
+        cost cap is sent, and a stop that comes while waiting for the rate costs nothing.
+        """
+        if not await self.limiter.acquire(self.stop):
+            return None
         if not self.budget.reserve():
             self.request_stop("max-cost")
-            return None
-        if not await self.limiter.acquire(self.stop):
-            self.budget.refund()
             return None
         self.checkpoint.count_attempt(item.key)
         self.stats.requests += 1

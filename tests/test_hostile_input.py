@@ -77,7 +77,7 @@ def test_hostile_files_each_get_a_reason(tmp_path: Path, write_manifest: Callabl
     assert items["photos/album.jpg/inside.png"]["status"] == "succeeded"
     assert len(emulator.records()) == 2  # only the two valid images were sent
     err = capsys.readouterr().err
-    assert "failed photos:bad\\nname.jpg: empty_file: 0 bytes" in err  # one line, newline escaped
+    assert "failed photos/bad\\nname.jpg: empty_file: 0 bytes" in err  # one line, newline escaped, real path
 
 
 def test_awkward_names(tmp_path: Path, write_manifest: Callable[..., Path],
@@ -114,7 +114,7 @@ def test_output_directory_inside_a_source_is_never_rediscovered(
     assert list(items_by_source(tmp_path)) == ["photos/a.png"] and len(emulator.records()) == 1
 
 
-def test_unwritable_output_fails_the_item_with_its_path(
+def test_unwritable_output_fails_the_item_with_its_path_before_paying(
         tmp_path: Path, write_manifest: Callable[..., Path], emulator_factory: EmulatorFactory) -> None:
     write_image(tmp_path / "photos" / "sub" / "a.png")
     write_image(tmp_path / "photos" / "b.png")
@@ -124,9 +124,11 @@ def test_unwritable_output_fails_the_item_with_its_path(
     manifest = write_manifest(backend="bedrock", bedrock={"endpoint_url": emulator.endpoint_url})
     assert main(["run", str(manifest)]) == 1
     items = items_by_source(tmp_path)
-    assert items["photos/sub/a.png"]["error_code"] == "output_write_failed"
+    assert items["photos/sub/a.png"]["error_code"] == "bad_output_path"
     assert "sub/a.png" in items["photos/sub/a.png"]["error_message"]
+    assert "is a file where a directory must go" in items["photos/sub/a.png"]["error_message"]
     assert items["photos/b.png"]["status"] == "succeeded"
+    assert len(emulator.records()) == 1  # known before sending: nothing paid for a.png
 
 
 def test_corrupt_checkpoint_exits_2_and_is_left_untouched(tmp_path: Path, write_manifest: Callable[..., Path],

@@ -47,6 +47,6 @@ def test_collisions_are_reported_before_any_request(tmp_path: Path, write_manife
     report = json.loads((tmp_path / ".batch-upscaler/reports/job/report.json").read_text())
     by_source = {i["source"]: i for i in report["items"]}
     assert by_source["photos/b/x.png"]["error_message"] == (
-        "output_conflict: x.png is already the output of photos:a/x.png")
+        "output_conflict: out/x.png already belongs to photos/a/x.png")
     assert report["requests"] == 1
     assert "output_conflict" in capsys.readouterr().err

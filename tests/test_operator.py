@@ -121,7 +121,7 @@ def test_json_logs_metrics_failed_list_and_only(tmp_path: Path, write_manifest: 
     assert lines and all({"timestamp", "level", "job", "event", "file", "attempt", "error_code"} <= set(x)
                          for x in lines)
     failure = next(x for x in lines if x["event"] == "item_failed")
-    assert (failure["job"], failure["file"], failure["error_code"]) == ("job", "photos:m2.png", "ValidationException")
+    assert (failure["job"], failure["file"], failure["error_code"]) == ("job", "photos/m2.png", "ValidationException")
     assert {x["event"] for x in lines} >= {"scan", "item_failed", "run_finished"}
 
     reports = tmp_path / ".batch-upscaler/reports/job"

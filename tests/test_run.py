@@ -20,6 +20,7 @@ from batch_upscaler.bedrock import BedrockInvoker, ClientSettings, open_client
 from batch_upscaler.cli import main
 from batch_upscaler.emulator import EmulatorThread, FaultKind
 from batch_upscaler.joblock import JobLock
+from batch_upscaler.outputs import OWNER_FILE
 from batch_upscaler.payload import build_body
 from batch_upscaler.retry import Action, AttemptError, Backoff, decide
 from tests.conftest import REPO, image_bytes, write_image
@@ -58,7 +59,8 @@ def test_demo_manifest_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert rep["requests"] == 6 and rep["throttled_attempts"] == 0
     items = by_source(rep)
     assert items["demo-images/catalogue/icon-too-small.png"]["error_message"] == "too_small: 48x48 < 64 px"
-    outputs = sorted(p for p in (tmp_path / "demo-output").rglob("*") if p.is_file())
+    outputs = sorted(p for p in (tmp_path / "demo-output").rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert (tmp_path / "demo-output" / OWNER_FILE).is_file()  # the output root is claimed by job "demo"
     assert [p.relative_to(tmp_path / "demo-output").as_posix() for p in outputs] == [
         "1970s/beach.png", "1970s/birthday.png", "garden.png", "mug.png", "portrait.png", "teapot.png"]
     for item in rep["items"]:

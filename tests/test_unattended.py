@@ -86,8 +86,11 @@ def test_grace_period_ends_a_drain_that_takes_too_long(tmp_path: Path, write_man
 
 
 def _two_in_flight(tmp_path: Path) -> bool:
+    """Two requests are on the wire (sent, unanswered): not merely started items, which a stop
+    releases before they send anything."""
     try:
-        return states(tmp_path).get("in_progress", 0) >= 2
+        with sqlite3.connect(tmp_path / ".batch-upscaler" / "job.sqlite") as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM items WHERE in_flight = 1").fetchone()[0]) >= 2
     except sqlite3.OperationalError:
         return False
 
