@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -207,8 +208,10 @@ class Checkpoint:
     """One job's checkpoint database. Not thread-safe: use it from the event loop thread only."""
 
     def __init__(self, conn: sqlite3.Connection, now: Callable[[], float] = time.time,
-                 busy_timeout_s: float = 300.0, sleep: Callable[[float], None] = time.sleep) -> None:
+                 busy_timeout_s: float = 300.0, sleep: Callable[[float], None] = time.sleep,
+                 path: Path | None = None) -> None:
         self._conn = conn
+        self._path = path
         self._now = now
         self._sleep = sleep
         self._busy_timeout_s = busy_timeout_s
@@ -234,13 +237,13 @@ class Checkpoint:
             conn.executescript(_INDEXES)
         except sqlite3.OperationalError as exc:
             if _storage_problem(exc):
-                raise StateUnavailable(f"{path}: the checkpoint cannot be written: {exc}") from None
+                raise StateUnavailable(f"{path}: the checkpoint cannot be written: {exc}{_free_space(path)}") from None
             raise CheckpointError(f"{path}: checkpoint database is unreadable ({exc}); "
                                   "it was left untouched — move it away to start this job afresh") from None
         except sqlite3.DatabaseError as exc:
             raise CheckpointError(f"{path}: checkpoint database is unreadable ({exc}); "
                                   "it was left untouched — move it away to start this job afresh") from None
-        checkpoint = cls(conn, now, busy_timeout_s)
+        checkpoint = cls(conn, now, busy_timeout_s, path=path)
         checkpoint._claim(path, job)
         return checkpoint
 
@@ -289,7 +292,7 @@ class Checkpoint:
             yield
         except sqlite3.OperationalError as exc:
             if _storage_problem(exc) or _busy(exc):
-                raise StateUnavailable(f"the checkpoint cannot be written: {exc}") from None
+                raise StateUnavailable(f"the checkpoint cannot be written: {exc}{_free_space(self._path)}") from None
             raise
 
     def _begin(self) -> None:
@@ -418,7 +421,11 @@ class Checkpoint:
             " output_bytes=NULL, output_digest=NULL, output_width=NULL,"
             " output_height=NULL, sent_width=NULL, sent_height=NULL, dedup_of=NULL, format=excluded.format,"
             " width=excluded.width, height=excluded.height, checks_hash=excluded.checks_hash,"
-            " attempts=0, throttles=0, in_flight=0, possibly_billed=0, failed_run=excluded.failed_run,"
+            " attempts=0, throttles=0, in_flight=0, possibly_billed=0,"
+            # A refusal decided again for an unchanged file, with the same outcome, is not new.
+            " failed_run=CASE WHEN items.state = excluded.state AND items.error_code IS excluded.error_code"
+            " AND items.size = excluded.size AND items.mtime_ns = excluded.mtime_ns"
+            " THEN items.failed_run ELSE excluded.failed_run END,"
             " error_code=excluded.error_code, error_message=excluded.error_message,"
             " scan_id=excluded.scan_id, updated_at=excluded.updated_at, started_at=NULL, finished_at=NULL",
             (item.key, item.seq, item.source, item.relpath, item.state, item.size, item.mtime_ns,
@@ -437,10 +444,10 @@ class Checkpoint:
                                  "ORDER BY seq LIMIT 1", (output_norm, key)).fetchone()
         return None if row is None else str(row[0])
 
-    def holds_output(self, output_norm: str) -> bool:
-        """Some item of this job (live or gone) wrote or is to write ``output_norm``."""
-        return self._conn.execute("SELECT 1 FROM items WHERE output_norm = ? LIMIT 1", (output_norm,)).fetchone() \
-            is not None
+    def wrote_output(self, output_norm: str) -> bool:
+        """Some item of this job (live or gone) wrote ``output_norm``: the file there is this job's."""
+        return self._conn.execute("SELECT 1 FROM items WHERE output_norm = ? AND output_digest IS NOT NULL LIMIT 1",
+                                  (output_norm,)).fetchone() is not None
 
     def renormalise_outputs(self, mode: str, fold: Callable[[str], str], refusals: Collection[str]) -> None:
         """Recompute every output's comparison key when the name-comparison rule changed (or the
@@ -639,6 +646,17 @@ def _storage_problem(exc: sqlite3.OperationalError) -> bool:
     """The state disk is full or failing (SQLITE_FULL, SQLITE_IOERR and its extended codes)."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
     return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN)
+
+
+def _free_space(path: Path | None) -> str:
+    """What the state disk has left, for the one line that explains a stop."""
+    if path is None:
+        return ""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return ""
+    return f" ({free:,} bytes free on the state disk {path.parent})"
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:

@@ -127,6 +127,7 @@ class Discovery:
         self.base_dir = base_dir
         self.exclude = tuple(exclude)
         self._prune = {_identity(p) for p in prune if p.exists()}
+        self._prune_real = {Path(os.path.realpath(p)) for p in prune}  # also the ones not created yet
         self._on_error = on_error or (lambda path, msg: None)
         self._seen_files: set[tuple[int, int]] = set()
 
@@ -213,7 +214,7 @@ class Discovery:
                 if real == root_real:
                     return root
                 continue
-            if real == root_real or not real.is_relative_to(root_real) or self._pruned_between(root_real, real):
+            if real == root_real or not real.is_relative_to(root_real) or self._pruned(root_real, real):
                 continue
             relpath = real.relative_to(root_real).as_posix()
             if any(part.startswith(".") for part in relpath.split("/")) or not is_image_name(relpath):
@@ -224,16 +225,10 @@ class Discovery:
                 return root
         return None
 
-    def _pruned_between(self, top: Path, path: Path) -> bool:
-        """A pruned directory (the output or state directory) lies between ``top`` and ``path``."""
-        for directory in [top, *path.relative_to(top).parents[:-1][::-1]]:
-            candidate = directory if directory == top else top / directory
-            try:
-                if _identity(candidate) in self._prune:
-                    return True
-            except OSError:
-                return False  # not there yet: nothing below it is pruned either
-        return False
+    def _pruned(self, top: Path, path: Path) -> bool:
+        """The walk from ``top`` never reaches ``path``: it lies in a pruned directory (the output or
+        state directory) inside ``top``, existing or still to be created."""
+        return any(path.is_relative_to(pruned) and pruned.is_relative_to(top) for pruned in self._prune_real)
 
     def _excluded(self, path: Path, relpath: str) -> bool:
         """Excludes match the path below the source root or below the manifest's directory."""

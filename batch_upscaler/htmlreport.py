@@ -221,13 +221,16 @@ def _summary_section(header: Mapping[str, Any], runs: list[dict[str, Any]]) -> s
         ("skip", totals["skipped"], "skipped"), ("", totals["pending"] + totals["in_progress"], "pending"),
         ("", header["requests"], "requests"), ("", header["throttled_attempts"], "throttled"),
         ("", header["requests_saved_by_dedup"], "saved by dedup"),
+        ("", header.get("possibly_billed_not_received", 0), "possibly billed, not received"),
         ("", f"${header['estimated_cost_usd']:.2f}", "cost (estimate)"),
         ("", *_run_time(runs)),
         ("", final, f"final rate ({rate['mode']})" if rate.get("mode") else "final rate"),
     ]
     items = "".join(f'<div class="card{" " + kind if kind else ""}"><b>{_e(value)}</b><span>{_e(label)}</span></div>'
                     for kind, value, label in cards)
-    return f'<div class="cards" id="summary">{items}</div>\n'
+    stopped = (f'<p class="stopped" id="stopped"><b>Stopped:</b> {_e(header["stopped"])}. '
+               "Run the job again to resume.</p>\n" if header.get("stopped") else "")
+    return f'<div class="cards" id="summary">{items}</div>\n{stopped}'
 
 
 def _run_time(runs: Iterable[Mapping[str, Any]]) -> tuple[str, str]:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import xxhash
 
@@ -224,10 +224,7 @@ class LocalOutputStore:
                 os.close(fd)
                 os.unlink(probe)
         except OSError as exc:
-            if storage_refuses(exc):
-                raise OutputUnavailable(f"output.dir {self.root} cannot be written: "
-                                        f"{exc.strerror or exc}") from None
-            raise UsageError(f"output.dir {self.root} cannot be written: {exc.strerror or exc}") from None
+            _raise_unwritable(self.root, exc)
 
     # ---- staging -----------------------------------------------------------------------------
     def staging(self) -> Path:
@@ -280,12 +277,15 @@ class LocalOutputStore:
         Two jobs writing into one root overwrite each other's outputs unless both say
         ``output.shared: true`` (and then each refuses to overwrite a file it did not write).
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        with _locked_marker(self.root / OWNER_FILE) as (fd, jobs):
-            self._refuse_if_taken(jobs, job, shared)
-            if jobs.get(job) != {"shared": shared}:
-                jobs[job] = {"shared": shared}
-                _rewrite(fd, {"version": 1, "jobs": jobs})
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with _locked_marker(self.root / OWNER_FILE) as (fd, jobs):
+                self._refuse_if_taken(jobs, job, shared)
+                if jobs.get(job) != {"shared": shared}:
+                    jobs[job] = {"shared": shared}
+                    _rewrite(fd, {"version": 1, "jobs": jobs})
+        except OSError as exc:
+            _raise_unwritable(self.root, exc)
 
     def check_claim(self, job: str, shared: bool) -> None:
         """What :meth:`claim` would refuse, without writing anything (``plan``)."""
@@ -305,6 +305,14 @@ class LocalOutputStore:
                 f"output.dir {self.root} belongs to job {holder!r} ({self.root / OWNER_FILE}); give this job "
                 "its own output directory, or set output.shared: true in both manifests with naming that "
                 f"keeps their files apart. If job {holder!r} no longer exists, delete its entry in that file.")
+
+
+def _raise_unwritable(root: Path, exc: OSError) -> NoReturn:
+    """A full or read-only storage is a stop (exit 75: it may be fixed by morning); anything else,
+    such as a permission problem, is a set-up error (exit 2)."""
+    if storage_refuses(exc):
+        raise OutputUnavailable(f"output.dir {root} cannot be written: {exc.strerror or exc}") from None
+    raise UsageError(f"output.dir {root} cannot be written: {exc.strerror or exc}") from None
 
 
 def _inside(path: str, root: str) -> bool:

@@ -210,7 +210,8 @@ class WorkerPool:
         if billed >= billed_cap:
             return AttemptError("possibly_billed_cap", f"{billed} earlier attempt(s) may have been billed without "
                                 "an answer; not sent again (run with --retry-failed to try once more)")
-        service_mark: int | None = None  # breaker.healthy when this item's run of service errors began
+        # Healthy answers before this item began: any later one shows the service working for others.
+        healthy_at_start = self.breaker.healthy
         for attempt in itertools.count(1):
             admission = await self.breaker.admit(self.stop)
             if admission is Admission.GIVE_UP:
@@ -227,9 +228,11 @@ class WorkerPool:
                 self.breaker.on_healthy()
                 self.limiter.on_success()
                 return result
-            service_mark = self._observe(result, probe, service_mark)
+            service_down = self._observe(result, probe)
             billed += possibly_billed(result)
-            alone = service_mark is None or (not self.breaker.is_open and self.breaker.healthy > service_mark)
+            # A service error fails the image only when the image alone keeps failing while others are
+            # answered: never during an outage, never without proof that the service works.
+            alone = not service_down or (not self.breaker.is_open and self.breaker.healthy > healthy_at_start)
             decision = decide(result, attempt, limits.max_attempts, self.backoff, self.rng, billed,
                               billed_cap=billed_cap, retry_after_max_s=limits.retry_after_max_s, may_fail=alone)
             self.checkpoint.record_answer(item.key, throttled=decision.throttling,
@@ -247,17 +250,16 @@ class WorkerPool:
                 return None
         raise AssertionError("unreachable")
 
-    def _observe(self, error: AttemptError, probe: bool, service_mark: int | None) -> int | None:
-        """Tell the breaker what an error says about the service; returns the item's new service mark."""
+    def _observe(self, error: AttemptError, probe: bool) -> bool:
+        """Tell the breaker what an error says about the service; True for an error where nothing ran."""
         if is_service_state(error):
-            mark = self.breaker.healthy if service_mark is None else service_mark
             self.breaker.on_service_error(probe)
-            return mark
+            return True
         if error.code not in _NO_ANSWER:
             self.breaker.on_healthy()  # the service answered (a throttle, a 4xx): it works
         elif probe:
             self.breaker.abandon_probe()
-        return None
+        return False
 
     def _throttled(self, error: AttemptError) -> None:
         self.budget.refund()

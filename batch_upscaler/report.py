@@ -58,6 +58,7 @@ class Summary:
     attempts: int = 0
     throttled_attempts: int = 0
     requests_saved: int = 0  # outputs copied from an identical image instead of a request
+    possibly_billed: int = 0  # attempts sent whose answer never arrived (time-outs, crashes, cancels)
 
     def scale_stats(self) -> dict[str, float | None]:
         values = self.scale_factors
@@ -99,6 +100,7 @@ class ReportWriter:
             summary.attempts += row["attempts"]
             summary.throttled_attempts += row["throttles"]
             summary.requests_saved += row["dedup_of"] is not None
+            summary.possibly_billed += row["possibly_billed"] or 0
             factor = _scale_factor(row)
             if factor is not None:
                 summary.scale_factors.append(factor)
@@ -127,6 +129,8 @@ class ReportWriter:
             "requests": summary.attempts,
             "throttled_attempts": summary.throttled_attempts,
             "requests_saved_by_dedup": summary.requests_saved,
+            # Sent, and may have run (and been billed), but no usable answer arrived: counted apart.
+            "possibly_billed_not_received": summary.possibly_billed,
             # Throttled attempts never reached the model; every other attempt may have been billed.
             "estimated_cost_usd": round((summary.attempts - summary.throttled_attempts)
                                         * self.settings.model.price_usd, 2),
@@ -138,6 +142,8 @@ class ReportWriter:
             # The rate the last run ended at: with ``auto``, what the quota was found to allow.
             "rate": {"mode": last.get("rate_mode"),
                      "final_rpm": round(last["final_rpm"], 1) if last.get("final_rpm") else None},
+            # Why the last run ended early, when it did (a signal, a cap, an outage, a full disk).
+            "stopped": last.get("stop_reason"),
         }
 
     def _stream_items(self, header: dict[str, Any], js: IO[str], cs: IO[str], failed: IO[str]) -> None:
@@ -230,11 +236,14 @@ def render_markdown(header: dict[str, Any], summary: Summary) -> str:
     out.write(f"Model **{md_text(header['model'])}** ({md_code(header['model_id'])}) via "
               f"{md_text(header['backend'])}; last run {header['started_at']} → {header['finished_at']}.\n\n")
     out.write("| discovered | succeeded | failed | skipped | pending | requests | throttled | saved by dedup "
-              "| est. cost |\n")
-    out.write("|---|---|---|---|---|---|---|---|---|\n")
+              "| possibly billed, not received | est. cost |\n")
+    out.write("|---|---|---|---|---|---|---|---|---|---|\n")
     out.write(f"| {t['discovered']} | {t['succeeded']} | {t['failed']} | {t['skipped']} | "
               f"{t['pending'] + t['in_progress']} | {header['requests']} | {header['throttled_attempts']} | "
-              f"{header['requests_saved_by_dedup']} | ${header['estimated_cost_usd']:.2f} (estimate) |\n\n")
+              f"{header['requests_saved_by_dedup']} | {header.get('possibly_billed_not_received', 0)} | "
+              f"${header['estimated_cost_usd']:.2f} (estimate) |\n\n")
+    if header.get("stopped"):
+        out.write(f"**Stopped:** {md_text(header['stopped'])}. Run the job again to resume.\n\n")
     sf = header["scale_factor"]
     if sf["median"] is not None:
         out.write(f"Scale factor (output width / input width): min {sf['min']}, median {sf['median']}, "

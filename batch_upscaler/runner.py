@@ -149,14 +149,6 @@ def _before_the_pool(settings: JobSettings, options: RunOptions, checkpoint: Che
     recovered = checkpoint.recover()
     if recovered:
         log.info("%d item(s) left in progress by an earlier run are pending again", recovered)
-    outputs.claim(settings.name, settings.output_shared)
-    removed = outputs.clean_stale_staging()
-    if removed:
-        log.info("removed %d half-written output(s) left by a run that died", removed)
-    delivered = UnsentOutputs(settings.state_dir)
-    if any(True for _ in delivered.notes()):
-        _check_writable(settings, outputs)
-        deliver(delivered, checkpoint, outputs)
     if signals.requested:
         return
     _, summary = prepare_items(settings, options, checkpoint, outputs, signals)
@@ -164,6 +156,15 @@ def _before_the_pool(settings: JobSettings, options: RunOptions, checkpoint: Che
              summary.changed, summary.unchanged,
              "".join(f"; {n} {code}" for code, n in sorted(summary.refused.items()) if n),
              extra={"event": "scan"})
+    # Only a job that passed its checks claims the output root (a refused one leaves no marker).
+    outputs.claim(settings.name, settings.output_shared)
+    removed = outputs.clean_stale_staging()
+    if removed:
+        log.info("removed %d half-written output(s) left by a run that died", removed)
+    kept = UnsentOutputs(settings.state_dir)
+    if any(True for _ in kept.notes()):  # paid for by an earlier run: written before anything is sent
+        _check_writable(settings, outputs)
+        deliver(kept, checkpoint, outputs)
 
 
 def _work_left(checkpoint: Checkpoint, only: frozenset[str] | None) -> bool:

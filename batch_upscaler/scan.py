@@ -94,7 +94,7 @@ class Scanner:
 
     def _reconcile(self, seq: int, item: Found) -> None:
         known = self.checkpoint.lookup(item.key)
-        if known is not None and self._still_valid(known, item):
+        if known is not None and self._still_valid(known, item) and self._still_placeable(known, item.key):
             self.summary.unchanged += 1
             owner = self._other_owner(known.output_norm, item.key) if known.gone else None
             if owner is None:
@@ -124,6 +124,13 @@ class Scanner:
         # Touched or copied but identical bytes: keep the paid-for result.
         return (known.state is ItemState.SUCCEEDED and known.content_sha256 is not None
                 and _hash_or_none(item.path) == known.content_sha256)
+
+    def _still_placeable(self, known: Known, key: str) -> bool:
+        """A pending item's output path may still be written: the output tree may have changed since
+        the scan that placed it (a link, a file in the way, another job's file). Otherwise re-probe."""
+        if known.state is not ItemState.PENDING or known.output_path is None:
+            return True
+        return self._placement_problem(known.output_path, key) is None
 
     def _output_stands(self, known: Known) -> bool:
         """A finished item's output is there (by default any file: a user may have edited it); with
@@ -171,23 +178,32 @@ class Scanner:
         """Name the output and check, before paying, that this item may write it."""
         try:
             relpath = self._output_path(item, header, plan)
-            self.outputs.check_path(relpath)
-        except (NamingError, OutputPathError) as exc:
+        except NamingError as exc:
             return self._refused(base, ItemState.FAILED, "bad_output_path", str(exc))
-        target = self.settings.output_dir / relpath
-        source = self.discovery.claims(target) if self.discovery is not None else None
-        if source is not None:
-            return self._refused(base, ItemState.FAILED, "output_in_source",
-                                 f"{self._shown(target)} is inside source {source.spec!r}: the upscale would replace "
-                                 "an original or be read back as an input; choose an output.dir outside the sources")
         norm = fold(relpath, self.settings.name_compare)
         owner = self._other_owner(norm, item.key)
         if owner is not None:
             return self._conflict(base, relpath, owner)
-        if self.settings.output_shared and self.outputs.exists(relpath) and not self.checkpoint.holds_output(norm):
-            return self._refused(base, ItemState.FAILED, "output_exists",
-                                 f"{self._shown(target)} exists and was not written by this job (output.shared)")
+        problem = self._placement_problem(relpath, item.key)
+        if problem is not None:
+            return self._refused(base, ItemState.FAILED, *problem)
         return Scanned(state=ItemState.PENDING, **{**base, "output_path": relpath, "output_norm": norm})
+
+    def _placement_problem(self, relpath: str, key: str) -> tuple[str, str] | None:
+        """(code, detail) when the output tree forbids writing ``relpath`` now, else None."""
+        try:
+            self.outputs.check_path(relpath)
+        except OutputPathError as exc:
+            return "bad_output_path", str(exc)
+        target = self.settings.output_dir / relpath
+        source = self.discovery.claims(target) if self.discovery is not None else None
+        if source is not None:
+            return ("output_in_source", f"{self._shown(target)} is inside source {source.spec!r}: the upscale would "
+                    "replace an original or be read back as an input; choose an output.dir outside the sources")
+        norm = fold(relpath, self.settings.name_compare)
+        if self.settings.output_shared and self.outputs.exists(relpath) and not self.checkpoint.wrote_output(norm):
+            return "output_exists", f"{self._shown(target)} exists and was not written by this job (output.shared)"
+        return None
 
     def _other_owner(self, norm: str | None, key: str) -> str | None:
         return None if norm is None else self.checkpoint.output_owner(norm, key)

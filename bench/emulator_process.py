@@ -35,6 +35,8 @@ class EmulatorSpec:
     canned_output: bool = True
     output_max_pixels: int | None = None
     seed: int = 0
+    port: int = 0  # 0: any free port; a fixed one restarts an emulator where a run expects it
+    extra: tuple[str, ...] = ()  # any other flags of ``batch-upscaler emulator`` (faults, windows, ...)
 
     def argv(self) -> list[str]:
         args = ["--quota-burst", str(self.quota_burst), "--latency-sigma", str(self.latency_sigma),
@@ -44,7 +46,7 @@ class EmulatorSpec:
         for flag, value in optional.items():
             if value is not None:
                 args += [flag, str(value)]
-        return args + (["--canned-output"] if self.canned_output else [])
+        return args + (["--canned-output"] if self.canned_output else []) + list(self.extra)
 
 
 class EmulatorProcess:
@@ -59,10 +61,11 @@ class EmulatorProcess:
 
     def __enter__(self) -> Self:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path.unlink(missing_ok=True)
+        if not self.spec.port:  # a restart on a fixed port keeps appending to the same bill
+            self.log_path.unlink(missing_ok=True)
         self._stderr = self.log_path.with_suffix(".stderr").open("w", encoding="utf-8")
-        command = [sys.executable, "-m", "batch_upscaler.emulator", "--port", "0", "--log", str(self.log_path),
-                   *self.spec.argv()]
+        command = [sys.executable, "-m", "batch_upscaler.emulator", "--port", str(self.spec.port),
+                   "--log", str(self.log_path), *self.spec.argv()]
         self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:

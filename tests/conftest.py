@@ -19,6 +19,7 @@ from batch_upscaler.catalogue import ModelSpec
 from batch_upscaler.emulator import EmulatorConfig, EmulatorThread
 from batch_upscaler.emulator import server as emulator_server
 from batch_upscaler.emulator.request import InvokeRequest
+from bench.emulator_process import EmulatorProcess, EmulatorSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_OUTPUT = 128 * 128  # keeps emulator outputs tiny so tests stay fast
@@ -150,6 +151,26 @@ def received_images(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
 
     monkeypatch.setattr(emulator_server, "parse_body", capture)
     return seen
+
+
+@pytest.fixture
+def emulator_process(tmp_path: Path) -> Iterator[Callable[..., EmulatorProcess]]:
+    """Start ``batch-upscaler emulator`` processes; their request log (``.records()``) is the bill."""
+    started: list[EmulatorProcess] = []
+
+    def start(*flags: str, port: int = 0, latency_s: float = 0.0, output_max_pixels: int | None = SMALL_OUTPUT,
+              log: Path | None = None) -> EmulatorProcess:
+        """``port`` and ``log`` of an earlier emulator restart it where a run expects it, on the same bill."""
+        spec = EmulatorSpec(canned_output=False, output_max_pixels=output_max_pixels, latency_s=latency_s,
+                            port=port, extra=flags)
+        log = log or tmp_path / "bill" / f"requests-{len(started)}.jsonl"
+        emulator = EmulatorProcess(spec, log).__enter__()
+        started.append(emulator)
+        return emulator
+
+    yield start
+    for emulator in started:
+        emulator.stop()
 
 
 def cli_env() -> dict[str, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState, Scanned
-from batch_upscaler.errors import CheckpointError
+from batch_upscaler.errors import CheckpointError, StateUnavailable
 
 
 def scanned(key: str, seq: int, state: ItemState = ItemState.PENDING, **extra: object) -> Scanned:
@@ -114,3 +114,55 @@ def test_state_column_rejects_unknown_states(cp: Checkpoint, tmp_path: Path) -> 
     conn = sqlite3.connect(tmp_path / "job.sqlite")
     with pytest.raises(sqlite3.IntegrityError):
         conn.execute("UPDATE items SET state = 'done' WHERE key = 'a'")
+
+
+def test_an_interrupted_scan_never_lends_its_id_to_the_next_one(cp: Checkpoint) -> None:
+    """Ctrl-C during a scan: the items it saw must not count as seen by the next scan."""
+    with pytest.raises(KeyboardInterrupt), cp.scan():
+        cp.mark_seen("a", 1)
+        raise KeyboardInterrupt  # stopped half-way: b and c were not reached
+    with cp.scan():  # the next scan sees only b (a was deleted in between)
+        cp.mark_seen("b", 1)
+    assert {r["key"] for r in cp.items()} == {"b"}
+    assert cp.counts()[ItemState.PENDING] == 1
+
+
+def test_possibly_billed_attempts_survive_a_crash_and_a_cancel(tmp_path: Path) -> None:
+    path = tmp_path / "job.sqlite"
+    first = Checkpoint.open(path, "job")
+    with first.scan():
+        first.record_scanned(scanned("a", 1))
+        first.record_scanned(scanned("b", 2))
+    first.begin_run()
+    for key in ("a", "b"):
+        first.start(key)
+        first.count_attempt(key)
+    first.record_answer("b", throttled=True)  # b's answer came: a throttle, never billed
+    first.close()  # the process dies with a on the wire
+    second = Checkpoint.open(path, "job")
+    assert second.recover() == 2
+    billed = {r["key"]: r["possibly_billed"] for r in second.items()}
+    assert billed == {"a": 1, "b": 0}
+    second.start("a")
+    second.count_attempt("a")
+    second.release("a")  # a second Ctrl-C cancels it on the wire
+    assert next(r for r in second.items() if r["key"] == "a")["possibly_billed"] == 2
+    assert second.retry_failed() == 0
+    assert second.pending(0, 10)[0].possibly_billed == 2
+
+
+def test_a_busy_database_is_waited_for_then_a_bounded_stop(tmp_path: Path) -> None:
+    path = tmp_path / "job.sqlite"
+    slept: list[float] = []
+    cp = Checkpoint.open(path, "job", busy_timeout_s=2.5)
+    cp._sleep = slept.append  # virtual back-off: the test does not wait for real
+    with cp.scan():
+        cp.record_scanned(scanned("a", 1))
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StateUnavailable, match="stayed locked by another process"):
+        cp.start("a")
+    assert slept and slept == sorted(slept)  # a growing back-off between tries
+    other.execute("ROLLBACK")
+    cp.start("a")  # the lock is gone: the move goes through
+    assert cp.state_of("a") is ItemState.IN_PROGRESS

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from batch_upscaler.cli import main
 from batch_upscaler.emulator import EmulatorThread, FaultKind
@@ -33,6 +34,7 @@ POLICY = {
     FaultKind.TRUNCATED: ("bad_response", 2),
     FaultKind.NON_JSON: ("bad_response", 2),
     FaultKind.BAD_BASE64: ("bad_response", 2),
+    FaultKind.CORRUPT_IMAGE: ("bad_response", 2),  # well-formed JSON and base64, a damaged PNG: checked
     FaultKind.VALIDATION: ("ValidationException", 1),
     FaultKind.CONTENT_FILTERED: ("content_filtered", 1),
 }
@@ -54,8 +56,10 @@ def test_each_fault_follows_its_policy(tmp_path: Path, write_manifest: Callable[
         names[fault] = digest
     write_image(tmp_path / "photos" / "fine.png", 64, 64, color=(1, 1, 1))
     emulator = emulator_factory(faults_by_image=scripts, slow_s=3.0)
+    # outage_errors off: each image here fails on its own script, so 5xx runs are the image's, not an outage.
     manifest = write_manifest(backend="bedrock", bedrock={"endpoint_url": emulator.endpoint_url},
-                              limits={"concurrency": 8, "max_attempts": MAX_ATTEMPTS, "read_timeout_s": 0.5})
+                              limits={"concurrency": 8, "max_attempts": MAX_ATTEMPTS, "read_timeout_s": 0.5,
+                                      "outage_errors": 1000})
     assert main(["run", str(manifest)]) == 1
     report = json.loads((tmp_path / ".batch-upscaler/reports/job/report.json").read_text())
     items = {item["source"]: item for item in report["items"]}
@@ -69,7 +73,10 @@ def test_each_fault_follows_its_policy(tmp_path: Path, write_manifest: Callable[
         assert item["error_message"].startswith(f"{code}: ")
         assert seen[names[fault]] == attempts, f"{fault}: server saw {seen[names[fault]]}, recorded {attempts}"
     assert items["photos/fine.png"]["status"] == "succeeded"
-    assert report["failures_by_reason"]["bad_response"] == 3
+    assert report["failures_by_reason"]["bad_response"] == 4
+    corrupt = items[f"photos/{FaultKind.CORRUPT_IMAGE.value}.png"]
+    assert "returned image is damaged: PNG chunk IDAT" in corrupt["error_message"] and corrupt["output"] is None
+    assert not (tmp_path / "out" / f"{FaultKind.CORRUPT_IMAGE.value}.png").exists()
 
 
 def test_a_fault_that_clears_is_retried_to_success(tmp_path: Path, write_manifest: Callable[..., Path],
@@ -82,3 +89,17 @@ def test_a_fault_that_clears_is_retried_to_success(tmp_path: Path, write_manifes
     assert main(["run", str(manifest)]) == 0
     report = json.loads((tmp_path / ".batch-upscaler/reports/job/report.json").read_text())
     assert report["items"][0]["attempts"] == 2 == len(emulator.records())
+
+
+def test_a_damaged_image_in_a_200_is_re_sent_once_and_never_stored(
+        tmp_path: Path, write_manifest: Callable[..., Path], emulator_factory: EmulatorFactory) -> None:
+    path = write_image(tmp_path / "photos" / "p.png")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    emulator = emulator_factory(faults_by_image={digest: (FaultKind.CORRUPT_IMAGE,)})
+    manifest = write_manifest(backend="bedrock", bedrock={"endpoint_url": emulator.endpoint_url})
+    assert main(["run", str(manifest)]) == 0
+    report = json.loads((tmp_path / ".batch-upscaler/reports/job/report.json").read_text())
+    assert report["items"][0]["attempts"] == 2 == len(emulator.records())
+    assert [r.fault for r in emulator.records()] == ["corrupt_image", None]
+    with Image.open(tmp_path / "out/p.png") as im:
+        im.load()  # the stored output is the second, good answer, whole

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -232,3 +233,31 @@ def test_auto_rate_never_exceeds_the_concurrency_cap(tmp_path: Path, write_manif
     assert checkpoint.counts()[ItemState.SUCCEEDED] == 40
     assert invoker.max_in_flight <= settings.limits.concurrency
     assert pool.limiter.mode == "auto" and pool.limiter.throttles == pool.stats.throttles > 0
+
+
+@pytest.mark.parametrize(("answer", "reason"), [
+    (image_bytes(160, 120), "aspect ratio not kept"),
+    (image_bytes(160, 160, "JPEG"), "returned a JPEG image, PNG was asked for"),
+    (image_bytes(160, 160)[:-30], "returned image is damaged"),
+])
+def test_a_returned_image_that_is_not_the_upscale_asked_for_is_a_bad_response(
+        tmp_path: Path, write_manifest: Callable[..., Path], clock: FakeClock, answer: bytes, reason: str) -> None:
+    """Checked before it is stored: re-sent once (it may have been billed), then failed, never stored."""
+    settings, checkpoint = setup(tmp_path, write_manifest, 2)
+    always_bad = image_bytes(80, 80, "PNG", (0, 1, 2))  # photos/000.png; 001.png is bad once only
+    seen: Counter[bool] = Counter()
+
+    def by_body(body: bytes) -> bytes | AttemptError:
+        bad = _holds(body, always_bad)
+        seen[bad] += 1
+        return answer if bad or seen[bad] == 1 else OK
+
+    invoker = FakeInvoker(lambda n: OK)
+    invoker.by_body = by_body
+    run_pool(settings, checkpoint, invoker, clock)
+    rows = {r["relpath"]: r for r in checkpoint.items()}
+    assert (rows["001.png"]["state"], rows["001.png"]["attempts"], rows["001.png"]["possibly_billed"]) == \
+        ("succeeded", 2, 1)
+    bad = rows["000.png"]
+    assert (bad["state"], bad["error_code"], bad["attempts"]) == ("failed", "bad_response", 2)
+    assert reason in bad["error_message"] and not (settings.output_dir / "000.png").exists()

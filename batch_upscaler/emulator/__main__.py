@@ -37,11 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="benchmarks only: one output per (size, format), whatever the input")
     parser.add_argument("--fault-rates", type=json.loads, default={},
                         help='JSON object, e.g. \'{"throttle": 0.1, "internal_error": 0.02}\'')
+    parser.add_argument("--fault-window", type=_window, default=None, metavar="START:END",
+                        help="apply --fault-rates only from START to END seconds after the emulator starts "
+                             "(e.g. 0:60 with '{\"service_unavailable\": 1}' for a one-minute outage)")
+    parser.add_argument("--retry-after", type=float, default=None,
+                        help="throttling answers carry a Retry-After header of this many seconds")
     parser.add_argument("--seed", type=int, default=0, help="seeds the fault and latency draws")
     parser.add_argument("--slow", type=float, default=30.0, help="seconds a SLOW fault stalls")
     parser.add_argument("--log", type=Path, default=None, help="JSON-lines request log file")
     parser.add_argument("--deny-access", action="store_true")
     return parser
+
+
+def _window(text: str) -> tuple[float, float]:
+    start, sep, end = text.partition(":")
+    try:
+        return float(start), float(end) if sep else float("inf")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a START:END window in seconds: {text!r}") from None
 
 
 def parse_config(argv: Sequence[str] | None = None) -> EmulatorConfig:
@@ -54,7 +67,8 @@ def parse_config(argv: Sequence[str] | None = None) -> EmulatorConfig:
             output_max_pixels=args.output_max_pixels, png_compress_level=args.png_compress_level,
             canned_output=args.canned_output, seed=args.seed, slow_s=args.slow,
             fault_rates={FaultKind(name): float(rate) for name, rate in args.fault_rates.items()},
-            request_log_path=args.log, deny_access=args.deny_access,
+            request_log_path=args.log, deny_access=args.deny_access, fault_window=args.fault_window,
+            retry_after_s=args.retry_after,
         )
     except ValueError as exc:
         parser.error(str(exc))  # exits 2 with the usage line

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import TYPE_CHECKING
+
+import pybase64
 
 from batch_upscaler.emulator.protocol import (
     MSG_ACCESS_DENIED,
@@ -41,6 +44,7 @@ class FaultKind(StrEnum):
     TRUNCATED = "truncated"  # 200 whose JSON body is cut in half
     NON_JSON = "non_json"  # 200 with an HTML body
     BAD_BASE64 = "bad_base64"  # 200 whose image is not base64
+    CORRUPT_IMAGE = "corrupt_image"  # 200, valid JSON and base64, but the image bytes are damaged
 
 
 _ERRORS: Mapping[FaultKind, tuple[ErrorCode, str]] = {
@@ -96,10 +100,19 @@ def fault_body(kind: FaultKind, seed: int, image_b64: str) -> tuple[bytes, str]:
         return HTML_BODY, "text/html"
     if kind is FaultKind.BAD_BASE64:
         return success_body(seed, BAD_BASE64_IMAGE), "application/json"
+    if kind is FaultKind.CORRUPT_IMAGE:
+        return success_body(seed, _damaged(image_b64)), "application/json"
     body = success_body(seed, image_b64)
     if kind is FaultKind.TRUNCATED:
         return body[: len(body) // 2], "application/json"
     return body, "application/json"
+
+
+def _damaged(image_b64: str) -> str:
+    """The image with one byte in its middle flipped: every layer above it (JSON, base64) is fine."""
+    data = bytearray(pybase64.b64decode(image_b64))
+    data[len(data) // 2] ^= 0xFF
+    return pybase64.b64encode(bytes(data)).decode("ascii")
 
 
 class FaultPicker:
@@ -112,8 +125,13 @@ class FaultPicker:
     """
 
     def __init__(self, faults_by_image: Mapping[str, tuple[FaultKind, ...]],
-                 fault_rates: Mapping[FaultKind, float], seed: int) -> None:
+                 fault_rates: Mapping[FaultKind, float], seed: int,
+                 window: tuple[float, float] | None = None, now: Callable[[], float] = time.monotonic) -> None:
         self._scripts = {key.lower(): tuple(kinds) for key, kinds in faults_by_image.items()}
+        # fault_rates apply only from window[0] to window[1] seconds after start ("503s for a minute").
+        self._window = window
+        self._now = now
+        self._started = now()
         # Draw in enum order, not mapping order, so equal configs give equal sequences.
         self._rates = [(kind, fault_rates[kind]) for kind in FaultKind if fault_rates.get(kind)]
         self._rng = random.Random(seed)
@@ -121,7 +139,7 @@ class FaultPicker:
 
     @classmethod
     def from_config(cls, config: EmulatorConfig) -> FaultPicker:
-        return cls(config.faults_by_image, config.fault_rates, config.seed)
+        return cls(config.faults_by_image, config.fault_rates, config.seed, config.fault_window)
 
     def pick(self, image_sha256: str) -> FaultKind:
         nth = self._seen.get(image_sha256, 0)
@@ -129,6 +147,8 @@ class FaultPicker:
         script = self._scripts.get(image_sha256, ())
         if nth < len(script):
             return script[nth]
+        if self._window is not None and not self._window[0] <= self._now() - self._started < self._window[1]:
+            return FaultKind.NONE
         for kind, rate in self._rates:
             # One draw per configured fault keeps the probabilities independent.
             if self._rng.random() < rate:

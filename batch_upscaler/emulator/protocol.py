@@ -104,11 +104,13 @@ def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
-def error_response(reply: ErrorReply, request_id: str) -> web.Response:
+def error_response(reply: ErrorReply, request_id: str, retry_after_s: float | None = None) -> web.Response:
     headers = {
         ERROR_TYPE_HEADER: f"{reply.code}{ERROR_TYPE_SUFFIX}",
         REQUEST_ID_HEADER: request_id,
     }
+    if retry_after_s is not None and reply.code is ErrorCode.THROTTLING:
+        headers["Retry-After"] = f"{retry_after_s:g}"
     return web.Response(status=reply.status, body=reply.body(), content_type=JSON_CONTENT_TYPE,
                         headers=headers)
 

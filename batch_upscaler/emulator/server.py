@@ -154,7 +154,7 @@ class _Invoker:
             response = await self._process(request, exchange)
         except Rejected as rejected:
             exchange.error_type = str(rejected.reply.code)
-            response = protocol.error_response(rejected.reply, exchange.request_id)
+            response = protocol.error_response(rejected.reply, exchange.request_id, self._config.retry_after_s)
         except asyncio.CancelledError:
             self._log.append(exchange.record(CANCELLED_STATUS, self._clock()))
             raise

@@ -46,6 +46,8 @@ class EmulatorConfig:
     png_compress_level: int = 1
     faults_by_image: Mapping[str, tuple[FaultKind, ...]] = field(default_factory=dict)
     fault_rates: Mapping[FaultKind, float] = field(default_factory=dict)
+    fault_window: tuple[float, float] | None = None  # fault_rates apply only this many seconds after start
+    retry_after_s: float | None = None  # throttling answers carry a Retry-After header of this many seconds
     seed: int = 0
     slow_s: float = 30.0
     request_log_path: Path | None = None
@@ -86,6 +88,9 @@ def _problems(config: EmulatorConfig) -> list[str]:
          f"output_max_pixels {config.output_max_pixels} < 1"),
         (0 <= config.png_compress_level <= 9, f"png_compress_level {config.png_compress_level} not in 0..9"),
         (FaultKind.NONE not in config.fault_rates, "fault_rates cannot give a rate for NONE"),
+        (config.fault_window is None or 0 <= config.fault_window[0] <= config.fault_window[1],
+         f"fault_window {config.fault_window} must be 0 <= start <= end"),
+        (config.retry_after_s is None or config.retry_after_s >= 0, f"retry_after_s {config.retry_after_s} < 0"),
     ]
     problems = [message for ok, message in checks if not ok]
     problems += [f"fault_rates[{kind}] = {rate} not in 0..1"
