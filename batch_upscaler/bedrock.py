@@ -72,12 +72,22 @@ async def open_client(settings: ClientSettings) -> AsyncIterator[Any]:
         await client_cm.__aexit__(None, None, None)
 
 
+_PROBE_BODY = b"{}"  # validated, never run, never billed (as doctor's model-access check)
+
+
 class BedrockInvoker:
     """Sends one prepared request body to one model; knows the response shape."""
 
     def __init__(self, client: Any, model_id: str) -> None:
         self._client = client
         self.model_id = model_id
+
+    async def probe(self) -> AttemptError | None:
+        """Is the service up? One InvokeModel with the empty JSON body ``{}``: a working service
+        authorises it and rejects the body (ValidationException), so nothing runs and nothing is
+        billed. Returns how it failed (a ValidationException means "up"), or None if it answered 200."""
+        result = await self.invoke(_PROBE_BODY)
+        return None if isinstance(result, bytes) else result
 
     async def invoke(self, body: bytes) -> bytes | AttemptError:
         """One attempt: the decoded output image, or why the attempt failed."""

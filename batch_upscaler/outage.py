@@ -9,8 +9,11 @@ service stays down for ``max_wait_s``, :meth:`admit` answers ``GIVE_UP`` and the
 (exit 75) with every unfinished item still pending.
 
 A healthy answer is any answer that shows the service working: a success, but also a throttle
-or a 4xx about one request. The count of them lets a worker tell "this image alone keeps
-failing while others are answered" (the image may fail) from "everything is failing" (it may not).
+or a 4xx about one request. Answers are dated by when their request was *sent*: an answer to a
+request sent before the errors began (a slow request finishing as the service goes down) proves
+nothing about now, so it neither ends a run of errors nor closes the breaker. The latest such
+date lets a worker tell "this image alone keeps failing while requests sent after its last
+failure are answered" (the image may fail) from "everything is failing" (it may not).
 
 Time comes from the injected clock, so tests drive outages without sleeping.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from enum import StrEnum
@@ -43,8 +47,10 @@ class Breaker:
         self.threshold, self.max_wait_s = threshold, max_wait_s
         self._first_probe_s, self._max_probe_s = first_probe_s, max_probe_s
         self.healthy = 0  # healthy answers so far (successes, throttles, 4xx): proof the service works
+        self.last_healthy_sent_at = -math.inf  # when the newest request that was answered healthily was sent
         self.outages = 0  # times the breaker opened
         self._streak = 0  # service-state errors in a row, pool-wide
+        self._streak_began = math.inf  # when the first request of that run of errors was sent
         self._opened_at: float | None = None  # clock time; None while closed
         self.down_since_wall: float | None = None  # wall time, for people ("unreachable since 02:13")
         self._probe_at = 0.0
@@ -56,10 +62,13 @@ class Breaker:
     def is_open(self) -> bool:
         return self._opened_at is not None
 
-    def on_healthy(self) -> None:
-        """An answer that shows the service working."""
+    def on_healthy(self, sent_at: float) -> None:
+        """An answer that shows the service working, to a request sent at ``sent_at`` (clock time)."""
         self.healthy += 1
-        self._streak = 0
+        self.last_healthy_sent_at = max(self.last_healthy_sent_at, sent_at)
+        if sent_at < self._streak_began:
+            return  # sent before the errors began: it says nothing about the service now
+        self._streak, self._streak_began = 0, math.inf
         self._probing = False
         if self._opened_at is not None:
             log.warning("the service answers again after %.0f s; resuming", self._clock.now() - self._opened_at,
@@ -67,9 +76,10 @@ class Breaker:
             self._opened_at = self.down_since_wall = None
             self._notify()
 
-    def on_service_error(self, probe: bool = False) -> None:
-        """An attempt ended with an error where nothing ran."""
+    def on_service_error(self, sent_at: float, probe: bool = False) -> None:
+        """An attempt sent at ``sent_at`` ended with an error where nothing ran."""
         self._streak += 1
+        self._streak_began = min(self._streak_began, sent_at)
         now = self._clock.now()
         if self._opened_at is None and self._streak >= self.threshold:
             self._open(now)
@@ -78,6 +88,11 @@ class Breaker:
             self._probe_interval = min(self._max_probe_s, self._probe_interval * 2)
             self._probe_at = now + self._probe_interval
             self._notify()
+
+    def works_since(self, moment: float) -> bool:
+        """A request sent after ``moment`` was answered healthily, and no outage is going on: the
+        service works for others (an image failing now fails alone)."""
+        return self._opened_at is None and self.last_healthy_sent_at > moment
 
     def abandon_probe(self) -> None:
         """The worker that was to probe did not send (the run is stopping)."""

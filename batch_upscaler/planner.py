@@ -17,6 +17,7 @@ from typing import Any
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState, WorkItem
 from batch_upscaler.outputs import LocalOutputStore
+from batch_upscaler.progress import human_duration
 from batch_upscaler.runner import prepare_items
 from batch_upscaler.scan import file_sha256
 from batch_upscaler.settings import JobSettings, RunOptions, request_fingerprint
@@ -114,12 +115,6 @@ def count_duplicates(pending: list[WorkItem], checkpoint: Checkpoint, roots: dic
     return duplicates
 
 
-def _human(minutes: float) -> str:
-    if minutes < 1:
-        return f"{minutes * 60:.0f} s"
-    return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
-
-
 def render_plan(plan: Plan) -> str:
     """The human-readable plan (``--json`` prints :meth:`Plan.to_json` instead)."""
     lines = [
@@ -135,7 +130,7 @@ def render_plan(plan: Plan) -> str:
             lines.append(f"  {title:<17} {n} {reason}")
     lines.append(f"  estimated cost    ${plan.estimated_cost_usd:.2f} at ${plan.price_per_image_usd:.2f}/image "
                  "(estimate; prices are not verified — see README)")
-    duration = (f"{_human(plan.estimated_minutes)} at {plan.requests_per_minute:g} requests/min"
+    duration = (f"{human_duration(plan.estimated_minutes * 60)} at {plan.requests_per_minute:g} requests/min"
                 if plan.estimated_minutes is not None else "unknown: the rate is 'auto' (it starts at 30/min)")
     lines.append(f"  estimated time    {duration}")
     if plan.failed_by_reason:

@@ -62,6 +62,10 @@ class Offload(Protocol):
 class Invoker(Protocol):
     async def invoke(self, body: bytes) -> bytes | AttemptError: ...
 
+    async def probe(self) -> AttemptError | None:
+        """A free request that tells whether the service is up (see BedrockInvoker.probe)."""
+        ...
+
 
 @dataclass
 class PoolStats:
@@ -69,6 +73,7 @@ class PoolStats:
     throttles: int = 0
     started: int = 0
     deduplicated: int = 0  # requests saved: outputs copied from identical content
+    probes: int = 0  # free requests asking whether the service is up (rejected as invalid, never billed)
 
 
 class WorkerPool:
@@ -210,31 +215,35 @@ class WorkerPool:
         if billed >= billed_cap:
             return AttemptError("possibly_billed_cap", f"{billed} earlier attempt(s) may have been billed without "
                                 "an answer; not sent again (run with --retry-failed to try once more)")
-        # Healthy answers before this item began: any later one shows the service working for others.
-        healthy_at_start = self.breaker.healthy
+        charged = 0  # attempts that count against max_attempts: not service errors during an outage
+        last_failure = self.clock.now()  # when this image's previous failed attempt was sent
         for attempt in itertools.count(1):
             admission = await self.breaker.admit(self.stop)
             if admission is Admission.GIVE_UP:
                 self.request_stop(f"service unreachable since {_clock_time(self.breaker.down_since_wall)}")
             if admission in (Admission.GIVE_UP, Admission.STOP):
                 return None
-            probe = admission is Admission.PROBE
+            if admission is Admission.PROBE and not await self._service_works(breaker_probe=True):
+                continue  # still down (or stopping): wait for the next probe
+            sent_at = self.clock.now()
             result = await self._send(item, payload)
             if result is None:
-                if probe:
-                    self.breaker.abandon_probe()
                 return None
             if isinstance(result, bytes):
-                self.breaker.on_healthy()
+                self.breaker.on_healthy(sent_at)
                 self.limiter.on_success()
                 return result
-            service_down = self._observe(result, probe)
+            service_down = self._observe(result, sent_at)
             billed += possibly_billed(result)
-            # A service error fails the image only when the image alone keeps failing while others are
-            # answered: never during an outage, never without proof that the service works.
-            alone = not service_down or (not self.breaker.is_open and self.breaker.healthy > healthy_at_start)
-            decision = decide(result, attempt, limits.max_attempts, self.backoff, self.rng, billed,
-                              billed_cap=billed_cap, retry_after_max_s=limits.retry_after_max_s, may_fail=alone)
+            # A service error counts against the image only when the image alone keeps failing: a
+            # request sent after its previous failure was answered, or a free probe says the service
+            # is up (never during an outage).
+            counts = not service_down or (not self.breaker.is_open and (
+                self.breaker.works_since(last_failure) or await self._service_works()))
+            charged += counts
+            last_failure = sent_at
+            decision = decide(result, max(1, charged), limits.max_attempts, self.backoff, self.rng, billed,
+                              billed_cap=billed_cap, retry_after_max_s=limits.retry_after_max_s, may_fail=counts)
             self.checkpoint.record_answer(item.key, throttled=decision.throttling,
                                           possibly_billed=possibly_billed(result))
             if decision.throttling:
@@ -250,16 +259,31 @@ class WorkerPool:
                 return None
         raise AssertionError("unreachable")
 
-    def _observe(self, error: AttemptError, probe: bool) -> bool:
+    def _observe(self, error: AttemptError, sent_at: float, probe: bool = False) -> bool:
         """Tell the breaker what an error says about the service; True for an error where nothing ran."""
         if is_service_state(error):
-            self.breaker.on_service_error(probe)
+            self.breaker.on_service_error(sent_at, probe)
             return True
         if error.code not in _NO_ANSWER:
-            self.breaker.on_healthy()  # the service answered (a throttle, a 4xx): it works
+            self.breaker.on_healthy(sent_at)  # the service answered (a throttle, a 4xx): it works
         elif probe:
             self.breaker.abandon_probe()
         return False
+
+    async def _service_works(self, breaker_probe: bool = False) -> bool:
+        """Ask the service, with a free request (rejected as invalid, never run, never billed), whether
+        it is up: the breaker's probe during an outage, or a worker's question before it blames an image."""
+        if not await self.limiter.acquire(self.stop):
+            if breaker_probe:
+                self.breaker.abandon_probe()
+            return False
+        sent_at = self.clock.now()
+        self.stats.probes += 1
+        error = await self.invoker.probe()
+        if error is None:
+            self.breaker.on_healthy(sent_at)
+            return True
+        return not self._observe(error, sent_at, breaker_probe) and error.code not in _NO_ANSWER
 
     def _throttled(self, error: AttemptError) -> None:
         self.budget.refund()

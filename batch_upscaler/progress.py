@@ -21,6 +21,14 @@ from batch_upscaler.checkpoint import ItemState
 log = logging.getLogger(__name__)
 
 
+def human_duration(seconds: float) -> str:
+    """A duration people read at a glance: seconds under a minute, minutes under two hours, then hours."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
 class Progress:
     def __init__(self, total: int, enabled: bool | None, current_rpm: Callable[[], float]) -> None:
         show = sys.stderr.isatty() if enabled is None else enabled
@@ -46,7 +54,7 @@ class Progress:
         done = self.succeeded + self.failed
         minutes = max(1e-9, (time.monotonic() - self._started) / 60)
         per_min = done / minutes
-        eta = f"{(self.total - done) / per_min:.0f} min" if per_min > 0 and done < self.total else "-"
+        eta = human_duration((self.total - done) / per_min * 60) if per_min > 0 and done < self.total else "-"
         return (f"progress: {done}/{self.total} done ({self.succeeded} succeeded, {self.failed} failed), "
                 f"{per_min:.1f} img/min, ETA {eta}, rate {self._current_rpm():.0f}/min")
 

@@ -18,7 +18,7 @@ from batch_upscaler.manifest import load_settings
 from batch_upscaler.outputs import LocalOutputStore
 from batch_upscaler.pool import WorkerPool
 from batch_upscaler.ratelimit import make_limiter
-from batch_upscaler.retry import AttemptError
+from batch_upscaler.retry import AttemptError, is_service_state
 from batch_upscaler.scan import Scanner
 from batch_upscaler.settings import JobSettings
 from tests.conftest import FakeClock, image_bytes, write_image
@@ -35,6 +35,7 @@ class FakeInvoker:
         self.in_flight = 0
         self.max_in_flight = 0
         self.by_body: Callable[[bytes], bytes | AttemptError] | None = None  # answer by image instead
+        self.probes = 0
 
     async def invoke(self, body: bytes) -> bytes | AttemptError:
         self.calls += 1
@@ -45,6 +46,15 @@ class FakeInvoker:
             await asyncio.sleep(0)
         self.in_flight -= 1
         return self.by_body(body) if self.by_body is not None else self.script(n)
+
+    async def probe(self) -> AttemptError | None:
+        """The free probe: answered like any call; a service that would answer answers it as invalid."""
+        self.probes += 1
+        self.calls += 1
+        answer = self.script(self.calls)
+        if isinstance(answer, bytes) or not is_service_state(answer):
+            return AttemptError("ValidationException", "Malformed input request", 400)
+        return answer
 
 
 async def inline(func: Callable[..., Any], *args: Any) -> Any:

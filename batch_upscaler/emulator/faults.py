@@ -147,6 +147,11 @@ class FaultPicker:
         script = self._scripts.get(image_sha256, ())
         if nth < len(script):
             return script[nth]
+        return self.draw()
+
+    def draw(self) -> FaultKind:
+        """The random part alone: also for a request whose body never parsed (a service that is down
+        answers 503 before it looks at the body, so an outage reaches malformed requests too)."""
         if self._window is not None and not self._window[0] <= self._now() - self._started < self._window[1]:
             return FaultKind.NONE
         for kind, rate in self._rates:

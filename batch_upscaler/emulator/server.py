@@ -168,7 +168,13 @@ class _Invoker:
         spec = resolve_model(exchange.model_id, self._config.catalogue)
         body = await _read_body(request, spec)
         self._take_quota(spec)
-        invoke = await asyncio.to_thread(parse_body, body, spec)
+        try:
+            invoke = await asyncio.to_thread(parse_body, body, spec)
+        except Rejected:
+            outage = fault_error(self._picker.draw(), exchange.model_id)
+            if outage is not None and outage.status >= 500:  # a 503 storm answers every request
+                raise Rejected(outage) from None
+            raise
         exchange.image_sha256 = invoke.image_sha256
         exchange.image_format = sniff_format(invoke.image)
         exchange.params = dict(invoke.params)
