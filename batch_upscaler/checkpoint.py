@@ -217,7 +217,6 @@ class Checkpoint:
         self._busy_timeout_s = busy_timeout_s
         self._scan_id = 0
         self._pending_writes = 0
-        self._dry = False  # inside dry_run(): nothing is ever committed
         self.run_id: int | None = None  # the run recording now (failures carry it: "new this run")
 
     # ---- opening -------------------------------------------------------------------------
@@ -323,7 +322,7 @@ class Checkpoint:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._guard():
-            if self._conn.in_transaction:  # nested (a dry run or a scan): a savepoint keeps the move atomic
+            if self._conn.in_transaction:  # nested (inside a scan): a savepoint keeps the move atomic
                 self._conn.execute("SAVEPOINT move")
                 try:
                     yield self._conn
@@ -341,23 +340,6 @@ class Checkpoint:
                 raise
             self._conn.execute("COMMIT")
 
-    @contextmanager
-    def dry_run(self) -> Iterator[None]:
-        """Everything inside happens as it would, is visible to queries inside, and is rolled back.
-
-        ``plan`` runs the very same recover/scan/retry code as ``run`` this way (on a snapshot), so
-        its counts are what the run will see.
-        """
-        self._begin()
-        self._dry = True
-        scan_id, run_id = self._scan_id, self.run_id
-        try:
-            yield
-        finally:
-            self._rollback()
-            self._dry = False
-            self._scan_id, self.run_id = scan_id, run_id
-
     # ---- scanning ------------------------------------------------------------------------
     @contextmanager
     def scan(self) -> Iterator[int]:
@@ -370,24 +352,22 @@ class Checkpoint:
             self._scan_id += 1
             conn.execute("UPDATE meta SET value = ? WHERE key = 'scan_id'", (str(self._scan_id),))
         with self._guard():
-            if not self._dry:
-                self._begin()
+            self._begin()
             self._pending_writes = 0
             try:
                 yield self._scan_id
                 self._conn.execute("UPDATE items SET gone = (scan_id <> ?)", (self._scan_id,))
             except BaseException:
-                if not self._dry and self._conn.in_transaction:
+                if self._conn.in_transaction:
                     self._conn.execute("COMMIT")  # keep what was recorded; the next scan redoes the rest
                 raise
-            if not self._dry:
-                self._conn.execute("COMMIT")
+            self._conn.execute("COMMIT")
 
     def _scan_write(self, sql: str, args: tuple[Any, ...]) -> None:
         with self._guard():
             self._conn.execute(sql, args)
             self._pending_writes += 1
-            if self._pending_writes >= 2000 and not self._dry:  # bound the WAL growth of a 100k-file first scan
+            if self._pending_writes >= 2000:  # bound the WAL growth of a 100k-file first scan
                 self._conn.execute("COMMIT")
                 self._begin()
                 self._pending_writes = 0
