@@ -111,8 +111,10 @@ def _add_doctor(doctor: argparse.ArgumentParser) -> None:
     doctor.add_argument("--profile", help="AWS named profile")
     doctor.add_argument("--model", choices=[m.value for m in ModelName], default="conservative",
                         help="without a manifest: which model to check")
-    doctor.add_argument("--endpoint-url", help="bedrock-runtime endpoint (e.g. the emulator)")
-    doctor.add_argument("--control-endpoint-url", help="endpoint for STS and the bedrock control plane")
+    doctor.add_argument("--endpoint-url", help="bedrock-runtime endpoint (e.g. the emulator; default: the manifest's, "
+                        "else AWS_ENDPOINT_URL_BEDROCK_RUNTIME or AWS_ENDPOINT_URL, else AWS's)")
+    doctor.add_argument("--control-endpoint-url", help="endpoint for STS and the bedrock control plane (default: "
+                        "AWS_ENDPOINT_URL_STS / AWS_ENDPOINT_URL, else the region's AWS endpoints)")
     doctor.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of internal errors")
     doctor.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
