@@ -1,7 +1,9 @@
 """The command line: parses flags, merges configuration once, dispatches, and maps errors to exit codes.
 
-This is the only place that reads the environment (``BATCH_UPSCALER_CONFIG``) or decides which
-config file applies; everything below receives a frozen JobSettings.
+This is the only place that reads the environment (``BATCH_UPSCALER_CONFIG``, and the AWS set-up
+people already have: ``AWS_REGION``, ``AWS_DEFAULT_REGION``, the profile's region,
+``AWS_ENDPOINT_URL[_BEDROCK_RUNTIME]``) or decides which config file applies; everything below
+receives a frozen JobSettings.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from batch_upscaler.catalogue import ModelName
 from batch_upscaler.checkpoint import Checkpoint
 from batch_upscaler.errors import ExitCode, Interrupted, UpscalerError, UsageError
 from batch_upscaler.logformat import JsonFormatter, text_formatter
-from batch_upscaler.manifest import default_settings, load_settings, parse_duration
+from batch_upscaler.manifest import (
+    AwsEnvironment,
+    Layers,
+    build_settings,
+    configured_profile,
+    default_layers,
+    manifest_layers,
+    parse_duration,
+)
 from batch_upscaler.settings import Backend, JobSettings, RunOptions
 from batch_upscaler.signals import StopSignals
 
@@ -73,7 +83,7 @@ def _add_run(run: argparse.ArgumentParser) -> None:
     run.add_argument("--max-cost", type=float, help="stop starting requests once this run's estimated spend "
                      "would pass this many USD (limits.max_cost_usd); exit 75")
     run.add_argument("--endpoint-url", help="a Bedrock-compatible endpoint (bedrock.endpoint_url)")
-    run.add_argument("--region", help="AWS region (bedrock.region)")
+    run.add_argument("--region", help="AWS region (bedrock.region; beats AWS_REGION and the profile's region)")
     run.add_argument("--profile", help="AWS named profile (bedrock.profile)")
     run.add_argument("--metrics-file", type=Path, help="Prometheus textfile to keep up to date "
                      "(default: <report_dir>/metrics.prom; point it into node_exporter's textfile directory)")
@@ -96,12 +106,15 @@ def _add_doctor(doctor: argparse.ArgumentParser) -> None:
     doctor.add_argument("manifest", type=Path, nargs="?", help="the job's manifest (YAML): check for its model, "
                         "region and endpoint; without it, the defaults and --model")
     doctor.add_argument("--config", type=Path)
-    doctor.add_argument("--region", help="default: the manifest's, else us-east-1")
+    doctor.add_argument("--region", help="default: the manifest's, else AWS_REGION, AWS_DEFAULT_REGION or the "
+                        "profile's region, else us-east-1")
     doctor.add_argument("--profile", help="AWS named profile")
     doctor.add_argument("--model", choices=[m.value for m in ModelName], default="conservative",
                         help="without a manifest: which model to check")
-    doctor.add_argument("--endpoint-url", help="bedrock-runtime endpoint (e.g. the emulator)")
-    doctor.add_argument("--control-endpoint-url", help="endpoint for STS and the bedrock control plane")
+    doctor.add_argument("--endpoint-url", help="bedrock-runtime endpoint (e.g. the emulator; default: the manifest's, "
+                        "else AWS_ENDPOINT_URL_BEDROCK_RUNTIME or AWS_ENDPOINT_URL, else AWS's)")
+    doctor.add_argument("--control-endpoint-url", help="endpoint for STS and the bedrock control plane (default: "
+                        "AWS_ENDPOINT_URL_STS / AWS_ENDPOINT_URL, else the region's AWS endpoints)")
     doctor.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of internal errors")
     doctor.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
@@ -155,6 +168,49 @@ def config_path(explicit: Path | None) -> Path | None:
     return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
 
 
+def aws_environment(profile: str | None) -> AwsEnvironment:
+    """What the AWS environment says, read the way botocore reads it (``AWS_CONFIG_FILE`` included).
+
+    The region: ``AWS_REGION``, else ``AWS_DEFAULT_REGION``, else the ``region`` of the profile in
+    use (``profile``, i.e. bedrock.profile / --profile, else ``AWS_PROFILE``, else ``default``).
+    The endpoint variables are read to be shown only: botocore reads them itself when a client gets
+    no explicit endpoint (and ignores them when ``ignore_configured_endpoint_urls`` is set).
+    """
+    import botocore.session
+    from botocore.exceptions import BotoCoreError
+
+    session = botocore.session.Session(profile=profile)
+    region, region_source = _region_variable()
+    try:
+        if region is None:
+            region, region_source = session.get_scoped_config().get("region"), f"profile {session.profile or 'default'}"
+        ignored = bool(session.get_config_variable("ignore_configured_endpoint_urls"))
+    except BotoCoreError:  # a missing profile or broken config file: the run or doctor reports it
+        ignored = False
+    endpoint, endpoint_source = (None, "default") if ignored else _endpoint_variable()
+    return AwsEnvironment(region=region or None, region_source=region_source, profile=session.profile,
+                          endpoint_url=endpoint, endpoint_source=endpoint_source)
+
+
+def _region_variable() -> tuple[str | None, str]:
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        if os.environ.get(name):
+            return os.environ[name], name
+    return None, "default"
+
+
+def _endpoint_variable() -> tuple[str | None, str]:
+    for name in ("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", "AWS_ENDPOINT_URL"):
+        if os.environ.get(name):
+            return os.environ[name], name
+    return None, "default"
+
+
+def settings_from(layers: Layers) -> JobSettings:
+    """The one merge: the layers read from files and flags, over what the AWS environment says."""
+    return build_settings(layers, aws_environment(configured_profile(layers)))
+
+
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line flags as a configuration layer (the highest one)."""
     flags: dict[str, Any] = {}
@@ -173,7 +229,7 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _settings(args: argparse.Namespace) -> JobSettings:
     flags = flag_overrides(args) if args.command == "run" else {}
-    return load_settings(args.manifest, config_path(args.config), flags)
+    return settings_from(manifest_layers(args.manifest, config_path(args.config), flags))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -258,9 +314,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in (("region", args.region), ("profile", args.profile),
                                ("endpoint_url", args.endpoint_url)) if v is not None}
     if args.manifest is not None:
-        settings = load_settings(args.manifest, config_path(args.config), {"bedrock": flags} if flags else {})
+        layers = manifest_layers(args.manifest, config_path(args.config), {"bedrock": flags} if flags else {})
     else:
-        settings = default_settings(args.model, config_path(args.config), flags)
+        layers = default_layers(args.model, config_path(args.config), flags)
+    settings = settings_from(layers)
     if settings.backend is Backend.EMULATOR:
         print(f"note: {args.manifest} uses the embedded emulator and needs no AWS; "
               "these checks are for backend: bedrock")

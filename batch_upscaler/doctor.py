@@ -1,9 +1,15 @@
 """``batch-upscaler doctor``: check, without paying for an image, that this machine can invoke the upscaler on Bedrock.
 
 One job: run an ordered list of read-only checks (credentials found, whose they are, region
-supported, inference profile visible, model access granted) and say for each ``ok`` or the exact
-fix. A check whose prerequisite failed is reported as ``skip`` with the reason. The CLI prints
-:func:`render` and exits with :func:`exit_code` (0 when nothing failed, 3 otherwise).
+supported and where it came from, the bedrock-runtime endpoint in use, inference profile visible,
+model access granted) and say for each ``ok`` or the exact fix. A check whose prerequisite failed
+is reported as ``skip`` with the reason. The CLI prints :func:`render` and exits with
+:func:`exit_code` (0 when nothing failed, 3 otherwise).
+
+STS is asked at its regional endpoint (``sts.<region>.amazonaws.com``, or wherever
+``AWS_ENDPOINT_URL_STS`` / ``AWS_ENDPOINT_URL`` point: botocore reads them). Runs never call STS, so
+an STS that cannot be reached (offline, a VPC with only a Bedrock endpoint) is a warning, and the
+model-access check still tries the credentials on bedrock-runtime itself.
 
 Doctor is not on the hot path, so it uses plain synchronous boto3, with botocore's retries off:
 one attempt per call, so a broken endpoint fails fast and nothing is ever sent twice. Model access
@@ -21,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -36,6 +43,7 @@ EXIT_FAIL = 3  # the README's "fatal backend error: credentials, model access or
 CREDENTIALS = "credentials"
 IDENTITY = "identity"
 REGION = "region"
+ENDPOINT = "endpoint"
 PROFILE = "inference profile"
 ACCESS = "model access"
 
@@ -58,6 +66,10 @@ _AUTH_CODES = ("UnrecognizedClientException", "InvalidSignatureException", "Expi
                "ExpiredToken", "InvalidClientTokenId", "SignatureDoesNotMatch", "IncompleteSignature",
                "MissingAuthenticationTokenException")
 _KEY_ID = re.compile(r"\b(AKIA|ASIA|AIDA|AROA)[A-Z0-9]{12,}\b")
+# A secret this long is redacted wherever it appears; a shorter one (a dummy such as "test") only as a
+# whole word, or it would garble the words that contain it.
+_SECRET_IN_WORDS_MIN = 8
+_LEGACY_STS_HOST = "sts.amazonaws.com"  # the global endpoint (sts_regional_endpoints = legacy)
 
 
 class Status(StrEnum):
@@ -85,8 +97,10 @@ class DoctorOptions:
     profile: str | None  # AWS named profile; None = the default credential chain
     model_id: str  # what the runner invokes: the inference-profile id, e.g. us.stability.…-v1:0
     base_model_id: str  # the foundation model, e.g. stability.stable-conservative-upscale-v1:0
-    runtime_endpoint_url: str | None  # bedrock-runtime (InvokeModel), e.g. the emulator
-    control_endpoint_url: str | None  # sts and the bedrock control plane, e.g. a moto server
+    runtime_endpoint_url: str | None  # bedrock-runtime (InvokeModel), e.g. the emulator; None: botocore's
+    control_endpoint_url: str | None  # sts and the bedrock control plane, e.g. a moto server; None: botocore's
+    region_source: str = "default"  # where the region came from (--region, manifest, AWS_REGION, ...)
+    endpoint_source: str | None = None  # where the runtime endpoint came from (--endpoint-url, AWS_ENDPOINT_URL, ...)
     supported_regions: tuple[str, ...] = SUPPORTED_REGIONS
     profile_prefix: str = "us"  # the inference-profile prefix the Stability upscalers exist under
     connect_timeout_s: float = 10.0
@@ -102,7 +116,8 @@ def options_from_settings(settings: JobSettings, *, control_endpoint_url: str | 
     return DoctorOptions(
         region=settings.region, profile=settings.profile, model_id=settings.model_id,
         base_model_id=settings.model.base_id, runtime_endpoint_url=settings.endpoint_url,
-        control_endpoint_url=control_endpoint_url, connect_timeout_s=settings.limits.connect_timeout_s,
+        control_endpoint_url=control_endpoint_url, region_source=settings.aws.region,
+        endpoint_source=settings.aws.endpoint, connect_timeout_s=settings.limits.connect_timeout_s,
     )
 
 
@@ -122,6 +137,7 @@ def run_checks(options: DoctorOptions, session: boto3.session.Session | None = N
         (CREDENTIALS, lambda: check_credentials(opened)),
         (IDENTITY, lambda: check_identity(_usable(opened), options)),
         (REGION, lambda: check_region(options)),
+        (ENDPOINT, lambda: check_endpoint(opened, options)),
         (PROFILE, lambda: check_inference_profile(_usable(opened), options)),
         (ACCESS, lambda: check_model_access(_usable(opened), options)),
     ]
@@ -172,28 +188,63 @@ def check_credentials(opened: boto3.session.Session | CheckResult) -> CheckResul
 
 
 def check_identity(session: boto3.session.Session, options: DoctorOptions) -> CheckResult:
-    """Whose credentials these are: ``sts get-caller-identity``."""
+    """Whose credentials these are: ``sts get-caller-identity``, at the regional STS endpoint."""
+    where = options.control_endpoint_url or "the STS endpoint"
     try:
-        client = _client(session, "sts", options, options.control_endpoint_url)
+        client = _sts_client(session, options)
+        where = str(client.meta.endpoint_url)
         answer = client.get_caller_identity()
     except ClientError as exc:
         code = _code(exc)
         fix = (_refresh_fix(str(session.profile_name)) if "Expired" in code else
                "the credentials were rejected: check the access key in IAM (is it active?) and run `aws configure`")
         return CheckResult(IDENTITY, Status.FAIL, _describe(exc), fix=fix)
+    except (BotoConnectionError, HTTPClientError) as exc:
+        return _sts_unreachable(where, exc)
     except (BotoCoreError, ValueError) as exc:
         return CheckResult(IDENTITY, Status.FAIL, _describe(exc), fix=_network_fix(exc, "the STS endpoint"))
-    return CheckResult(IDENTITY, Status.OK, f"{answer.get('Arn', '?')} (account {answer.get('Account', '?')})")
+    return CheckResult(IDENTITY, Status.OK,
+                       f"{answer.get('Arn', '?')} (account {answer.get('Account', '?')}) via {where}")
+
+
+def _sts_unreachable(where: str, exc: Exception) -> CheckResult:
+    """Runs never call STS: one that cannot be reached leaves the identity unconfirmed, nothing more."""
+    return CheckResult(IDENTITY, Status.WARN, f"STS at {where} could not be reached ({_describe(exc)}), so whose "
+                       "credentials these are is not confirmed; the model access check tries them on bedrock-runtime",
+                       fix=f"runs do not need STS; for this check allow access to {where}, or point "
+                           "AWS_ENDPOINT_URL_STS (or --control-endpoint-url) at an STS VPC endpoint")
 
 
 def check_region(options: DoctorOptions) -> CheckResult:
     """The region serves the Stability upscalers (through the ``us.`` cross-region inference profile)."""
     regions = ", ".join(options.supported_regions)
+    source = _from(options.region_source, "the built-in default")
     if options.region in options.supported_regions:
-        return CheckResult(REGION, Status.OK, f"{options.region} (the models are served in {regions})")
+        return CheckResult(REGION, Status.OK, f"{options.region}, {source} (the models are served in {regions})")
     return CheckResult(REGION, Status.FAIL,
-                       f"{options.region}: the Stability upscale models are only served in {regions}",
+                       f"{options.region}, {source}: the Stability upscale models are only served in {regions}",
                        fix=f"set bedrock.region (or --region) to one of {regions}")
+
+
+def check_endpoint(opened: boto3.session.Session | CheckResult, options: DoctorOptions) -> CheckResult:
+    """Where InvokeModel goes and why: the endpoint botocore resolves for bedrock-runtime (nothing is sent)."""
+    if isinstance(opened, CheckResult):  # no session: show what the configuration says
+        url = options.runtime_endpoint_url or f"https://bedrock-runtime.{options.region}.amazonaws.com"
+    else:
+        # Resolving an endpoint needs no credentials: stand-in keys keep the credential chain (and
+        # the instance metadata service) out of it. This client never sends anything.
+        client = _client(opened, "bedrock-runtime", options, options.runtime_endpoint_url,
+                         aws_access_key_id="unused", aws_secret_access_key="unused")
+        url = str(client.meta.endpoint_url)
+    source = options.endpoint_source or ("configured" if options.runtime_endpoint_url else "default")
+    if source == "default" and urlsplit(url).hostname != f"bedrock-runtime.{options.region}.amazonaws.com":
+        source = "the AWS config file or SDK settings"  # botocore resolved another (endpoint_url, FIPS, ...)
+    how = "configured" if source == "configured" else _from(source, "the AWS default for the region")
+    return CheckResult(ENDPOINT, Status.OK, f"bedrock-runtime {url}, {how}")
+
+
+def _from(source: str, default: str) -> str:
+    return default if source == "default" else f"from {source}"
 
 
 def check_inference_profile(session: boto3.session.Session, options: DoctorOptions) -> CheckResult:
@@ -267,7 +318,7 @@ def _invoke_validation(seen: str, options: DoctorOptions) -> CheckResult:
     if "model identifier is invalid" in lowered:
         return CheckResult(ACCESS, Status.FAIL, seen, fix=_profile_fix(options))
     if "malformed input request" in lowered or "required key" in lowered:
-        return CheckResult(ACCESS, Status.OK, f"InvokeModel on {options.model_id} was authorised and its empty test "
+        return CheckResult(ACCESS, Status.OK, f"InvokeModel on {options.model_id} was authorised and its empty probe "
                            f"body was rejected by validation ({seen}); {_NOT_BILLED}")
     return CheckResult(ACCESS, Status.WARN, f"{seen}: not the expected rejection of an empty body, so access "
                        f"is not confirmed; {_NOT_BILLED}",
@@ -317,10 +368,12 @@ def _open_session(options: DoctorOptions,
         return session
     try:
         return boto3.session.Session(profile_name=options.profile, region_name=options.region)
-    except ProfileNotFound:
-        return CheckResult(CREDENTIALS, Status.FAIL, f"AWS profile {options.profile!r} not found",
-                           fix=f"create it with `aws configure --profile {options.profile}`, or set bedrock.profile "
-                               "(or --profile) to an existing profile; null uses the default credential chain")
+    except ProfileNotFound as exc:  # the profile botocore looked for: --profile, bedrock.profile or AWS_PROFILE
+        name = exc.kwargs.get("profile") or options.profile
+        return CheckResult(CREDENTIALS, Status.FAIL, f"AWS profile {name!r} not found",
+                           fix=f"create it with `aws configure --profile {name}`, or set bedrock.profile "
+                               "(or --profile, or AWS_PROFILE) to an existing profile; unset, the default "
+                               "credential chain is used")
 
 
 def _usable(opened: boto3.session.Session | CheckResult) -> boto3.session.Session:
@@ -339,10 +392,21 @@ def _blocker(name: str, done: Mapping[str, CheckResult]) -> str | None:
     return None
 
 
-def _client(session: boto3.session.Session, service: str, options: DoctorOptions, endpoint_url: str | None) -> Any:
+def _client(session: boto3.session.Session, service: str, options: DoctorOptions, endpoint_url: str | None,
+            **keys: str) -> Any:
+    """A client with one attempt per call; ``endpoint_url`` None lets botocore resolve it (AWS_ENDPOINT_URL_*)."""
     config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, user_agent_extra="batch-upscaler-doctor",
                     connect_timeout=options.connect_timeout_s, read_timeout=options.read_timeout_s)
-    return session.client(service, region_name=options.region, endpoint_url=endpoint_url, config=config)
+    return session.client(service, region_name=options.region, endpoint_url=endpoint_url, config=config, **keys)
+
+
+def _sts_client(session: boto3.session.Session, options: DoctorOptions) -> Any:
+    """STS at the configured endpoint, else the regional one, even where ``sts_regional_endpoints = legacy``
+    would pick the global endpoint (which networks with only regional or VPC endpoints cannot reach)."""
+    client = _client(session, "sts", options, options.control_endpoint_url)
+    if options.control_endpoint_url is None and urlsplit(str(client.meta.endpoint_url)).hostname == _LEGACY_STS_HOST:
+        client = _client(session, "sts", options, f"https://sts.{options.region}.amazonaws.com")
+    return client
 
 
 def _list_profiles(client: Any, max_pages: int = 50) -> list[Mapping[str, Any]]:
@@ -381,13 +445,26 @@ def _scrubber(opened: boto3.session.Session | CheckResult) -> Callable[[str], st
             secrets = [str(s) for s in (frozen.secret_key, frozen.token) if s]
             key_ids = [str(frozen.access_key)] if frozen.access_key else []
 
+    return redactor(secrets, key_ids)
+
+
+def redactor(secrets: Sequence[str], key_ids: Sequence[str]) -> Callable[[str], str]:
+    """Replaces each secret with ``[redacted]`` and each key id with its mask, then anything shaped
+    like a key id. A value shorter than 8 characters (a dummy key such as ``test``) is replaced only
+    where it is a whole word, so the words that contain it stay readable."""
+    rules = [(_secret_pattern(s), "[redacted]") for s in secrets if s]
+    rules += [(_secret_pattern(k), mask(k).replace("\\", "\\\\")) for k in key_ids if k]  # a literal template
+
     def scrub(text: str) -> str:
-        for secret in secrets:
-            text = text.replace(secret, "[redacted]")
-        for key_id in key_ids:
-            text = text.replace(key_id, mask(key_id))
+        for pattern, replacement in rules:
+            text = pattern.sub(replacement, text)
         return _KEY_ID.sub(lambda m: mask(m.group(0)), text)
     return scrub
+
+
+def _secret_pattern(secret: str) -> re.Pattern[str]:
+    escaped = re.escape(secret)
+    return re.compile(escaped if len(secret) >= _SECRET_IN_WORDS_MIN else rf"(?<!\w){escaped}(?!\w)")
 
 
 def _code(exc: Exception) -> str:

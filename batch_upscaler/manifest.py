@@ -1,7 +1,9 @@
 """Load and validate manifests and config/ files, and merge the layers into one JobSettings.
 
-Precedence, highest first: command-line flags > manifest > config/ file > built-in defaults
-(:data:`BUILTIN_DEFAULTS`, so an installed package works without the repo). Each layer is
+Precedence, highest first: command-line flags > manifest > config/ file > the AWS environment
+people already have (:class:`AwsEnvironment`, read by the CLI: ``AWS_REGION``, ``AWS_DEFAULT_REGION``,
+the profile's region; only for ``backend: bedrock``) > built-in defaults (:data:`BUILTIN_DEFAULTS`,
+so an installed package works without the repo). Each layer is
 validated on its own, so an error names the file *and* the key path
 (``limits.concurrency: must be ≥ 1, got 0``); every problem is reported, not just the first.
 YAML is read with ``yaml.safe_load`` only.
@@ -25,6 +27,7 @@ from batch_upscaler.naming import DEFAULT_TEMPLATE, template_problem
 from batch_upscaler.settings import (
     AlphaPolicy,
     AspectPolicy,
+    AwsSources,
     Backend,
     EmulatorSettings,
     JobSettings,
@@ -286,6 +289,32 @@ class Layers:
     manifest: Mapping[str, Any]
     config: Mapping[str, Any] = field(default_factory=dict)
     flags: Mapping[str, Any] = field(default_factory=dict)
+    config_path: Path | None = None
+    manifest_source: str | None = None  # what errors in the manifest layer name (default: its path)
+
+    def configured(self, section: str, key: str) -> tuple[Any, str | None]:
+        """A key's value in the highest layer that sets it (not null), and that layer's name; else (None, None)."""
+        for name, layer in (("flag", self.flags), ("manifest", self.manifest), ("config file", self.config)):
+            value = (layer.get(section) or {}).get(key)
+            if value is not None:
+                return value, f"--{key.replace('_', '-')}" if name == "flag" else name
+        return None, None
+
+
+@dataclass(frozen=True)
+class AwsEnvironment:
+    """The AWS set-up people already have, as the CLI read it: the layer between the config file and
+    the built-ins (for ``backend: bedrock`` only; the embedded emulator needs no AWS set-up).
+
+    Only the region becomes a setting. The profile and the endpoint stay unset in JobSettings, so
+    botocore resolves them itself, exactly as for any other AWS tool; they are kept here to be shown.
+    """
+
+    region: str | None = None
+    region_source: str = "default"  # AWS_REGION, AWS_DEFAULT_REGION or "profile NAME"
+    profile: str | None = None  # the profile botocore uses when bedrock.profile is unset (AWS_PROFILE)
+    endpoint_url: str | None = None  # the bedrock-runtime endpoint botocore will read from the environment
+    endpoint_source: str = "default"  # AWS_ENDPOINT_URL_BEDROCK_RUNTIME or AWS_ENDPOINT_URL
 
 
 def read_config(config_path: Path | None) -> Mapping[str, Any]:
@@ -310,30 +339,81 @@ def read_layers(manifest_path: Path, config_path: Path | None, flags: Mapping[st
                                                         "sources": Key(), "output": Key(), "model": Key()})
     if problems:
         raise ManifestError("command line", problems)
-    return Layers(manifest_path, manifest, config, flags)
+    return Layers(manifest_path, manifest, config, flags, config_path)
 
 
-def build_settings(layers: Layers) -> JobSettings:
-    """Merge flags > manifest > config > built-ins into one validated JobSettings."""
-    merged = deep_merge(deep_merge(deep_merge(BUILTIN_DEFAULTS, layers.config), layers.manifest), layers.flags)
-    where = str(layers.manifest_path)
+def configured_profile(layers: Layers) -> str | None:
+    """``bedrock.profile`` from flags, manifest or config file: the profile whose region the CLI reads."""
+    profile, _ = layers.configured("bedrock", "profile")
+    return str(profile) if profile is not None else None
+
+
+def build_settings(layers: Layers, aws: AwsEnvironment | None = None) -> JobSettings:
+    """Merge flags > manifest > config > AWS environment > built-ins into one validated JobSettings."""
+    aws = aws or AwsEnvironment()
+    merged = _merge(BUILTIN_DEFAULTS, layers.config, layers.manifest, layers.flags)
+    on_aws = merged["backend"] == Backend.BEDROCK
+    if on_aws and aws.region:
+        merged = _merge(BUILTIN_DEFAULTS, {"bedrock": {"region": aws.region}}, layers.config, layers.manifest,
+                        layers.flags)
+    where = layers.manifest_source or str(layers.manifest_path)
     spec = apply_override(BUILTIN[ModelName(merged["model"]["name"])],
                           ModelOverride(**merged["models"].get(merged["model"]["name"], {})))
     params = {k: v for k, v in merged["model"].items() if k != "name"}
     # output_format is per item (``same``); validate the model's other parameters with a stand-in.
     problems = [f"model.{name}: {why}" for name, why in check_params(spec, {**params, "output_format": "png"})]
+    sources = _aws_sources(layers, aws if on_aws else AwsEnvironment(), merged)
     region = merged["bedrock"]["region"]
     prefix = merged["region_prefixes"].get(region)
     if prefix is None:
-        problems.append(f"bedrock.region: no inference-profile prefix is known for {region!r}; "
-                        "add it under region_prefixes in the config file")
+        source, problem = _region_problem(layers, sources.region, region)
+        if source != where and not problems:
+            raise ManifestError(source, [problem])
+        problems.append(problem if source == where else f"{problem} ({source})")
     if problems:
         raise ManifestError(where, problems)
-    return _assemble(layers.manifest_path, merged, spec, params, prefix)
+    return _assemble(layers.manifest_path, merged, spec, params, prefix, sources)
+
+
+def _merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer)
+    return merged
+
+
+def _aws_sources(layers: Layers, aws: AwsEnvironment, merged: dict[str, Any]) -> AwsSources:
+    """Where the region, endpoint and profile in use come from (for plan, run and doctor to show)."""
+    _, region_from = layers.configured("bedrock", "region")
+    endpoint, endpoint_from = layers.configured("bedrock", "endpoint_url")
+    profile, _ = layers.configured("bedrock", "profile")
+    if endpoint is None or merged["bedrock"]["endpoint_url"] is None:  # a manifest's null beats a config's URL
+        endpoint, endpoint_from = aws.endpoint_url, aws.endpoint_source
+    if merged["backend"] != Backend.BEDROCK:
+        endpoint, endpoint_from = None, "embedded emulator"
+    return AwsSources(region=region_from or (aws.region_source if aws.region else "default"),
+                      endpoint_url=endpoint, endpoint=endpoint_from or "default",
+                      profile=profile if profile is not None else aws.profile)
+
+
+def _region_problem(layers: Layers, source: str, region: str) -> tuple[str, str]:
+    """The error for a region without an inference-profile prefix, and what it names: where the region was set."""
+    unknown = f"no inference-profile prefix is known for {region!r}"
+    add = "add it under region_prefixes in the config file"
+    instead = f"set bedrock.region (or --region) to a region that has one, or {add}"
+    if source == "--region":
+        return "command line", f"--region {region}: {unknown}; {add}"
+    if source in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        return "AWS environment", f"{source}={region}: {unknown}; {instead}"
+    if source.startswith("profile "):
+        return "AWS config file", f"region {region} of AWS {source}: {unknown}; {instead}"
+    if source == "config file" and layers.config_path is not None:
+        return str(layers.config_path), f"bedrock.region: {unknown}; {add}"
+    return layers.manifest_source or str(layers.manifest_path), f"bedrock.region: {unknown}; {add}"
 
 
 def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: dict[str, Any],
-              prefix: str | None) -> JobSettings:
+              prefix: str | None, sources: AwsSources) -> JobSettings:
     base_dir = manifest_path.resolve().parent
     state_dir = _resolve(base_dir, merged.get("state_dir") or ".batch-upscaler")
     # The default keeps jobs that share a state_dir apart; an explicit report_dir is used as is.
@@ -364,6 +444,7 @@ def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: di
         region=merged["bedrock"]["region"],
         endpoint_url=merged["bedrock"]["endpoint_url"],
         profile=merged["bedrock"]["profile"],
+        aws=sources,
         limits=limits,
         state_dir=state_dir,
         report_dir=report_dir,
@@ -394,19 +475,28 @@ def _resolve(base_dir: Path, value: str) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
 
 
-def default_settings(model: str, config_path: Path | None, bedrock: Mapping[str, Any]) -> JobSettings:
-    """Settings for commands that need no job (``doctor`` without a manifest): built-ins, config, flags."""
+def default_layers(model: str, config_path: Path | None, bedrock: Mapping[str, Any]) -> Layers:
+    """The layers of commands that need no job (``doctor`` without a manifest): built-ins, config, flags.
+
+    The stand-in manifest comes from the command line (``--model``), and errors say so: there is no file.
+    """
     stand_in = {"version": 1, "name": "doctor", "sources": ["."], "output": {"dir": "."},
                 "model": {"name": model} | ({"prompt": "x"} if model != ModelName.FAST else {}),
                 "backend": "bedrock"}
     flags = {"bedrock": dict(bedrock)} if bedrock else {}
-    layers = Layers(Path.cwd() / "doctor.yaml", stand_in, read_config(config_path), flags)
-    return build_settings(layers)
+    return Layers(Path.cwd() / "doctor.yaml", stand_in, read_config(config_path), flags, config_path,
+                  manifest_source="command line")
+
+
+def manifest_layers(manifest_path: Path, config_path: Path | None = None,
+                    flags: Mapping[str, Any] | None = None) -> Layers:
+    """Every layer of a job, read and validated (the manifest must exist)."""
+    if not manifest_path.is_file():
+        raise ManifestError(str(manifest_path), ["manifest file not found"])
+    return read_layers(manifest_path, config_path, flags or {})
 
 
 def load_settings(manifest_path: Path, config_path: Path | None = None,
-                  flags: Mapping[str, Any] | None = None) -> JobSettings:
-    """The one entry point: read every layer, validate, merge and resolve."""
-    if not manifest_path.is_file():
-        raise ManifestError(str(manifest_path), ["manifest file not found"])
-    return build_settings(read_layers(manifest_path, config_path, flags or {}))
+                  flags: Mapping[str, Any] | None = None, aws: AwsEnvironment | None = None) -> JobSettings:
+    """Read every layer, validate, merge and resolve (the CLI reads ``aws`` first: see :func:`configured_profile`)."""
+    return build_settings(manifest_layers(manifest_path, config_path, flags), aws)

@@ -45,6 +45,7 @@ class Plan:
     estimated_cost_usd: float = 0.0
     requests_per_minute: float | None = None  # None: auto
     estimated_minutes: float | None = None
+    bedrock: dict[str, Any] = field(default_factory=dict)  # region, endpoint and profile in use, and their sources
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +83,9 @@ def _plan(settings: JobSettings, options: RunOptions, checkpoint: Checkpoint) ->
         failed_by_reason={code: n for code, n in earlier.items() if n},
         price_per_image_usd=settings.model.price_usd, estimated_cost_usd=round(requests * settings.model.price_usd, 2),
         requests_per_minute=rpm, estimated_minutes=round(requests / rpm, 3) if rpm else None,
+        bedrock={"region": settings.region, "region_source": settings.aws.region,
+                 "endpoint_url": settings.aws.endpoint_url, "endpoint_source": settings.aws.endpoint,
+                 "profile": settings.aws.profile},
     )
 
 

@@ -373,6 +373,10 @@ async def _client_settings(settings: JobSettings) -> AsyncIterator[ClientSetting
     common = dict(region=settings.region, concurrency=limits.concurrency,
                   read_timeout_s=limits.read_timeout_s, connect_timeout_s=limits.connect_timeout_s)
     if settings.backend is Backend.BEDROCK:
+        aws = settings.aws
+        log.info("backend: bedrock in %s (%s), endpoint %s", settings.region,
+                 "the built-in default" if aws.region == "default" else f"from {aws.region}",
+                 f"{aws.endpoint_url} (from {aws.endpoint})" if aws.endpoint_url else "the AWS default for the region")
         yield ClientSettings(endpoint_url=settings.endpoint_url, profile=settings.profile, **common)  # type: ignore[arg-type]
         return
     emulator = EmulatorConfig(output_max_pixels=settings.emulator.output_max_pixels,

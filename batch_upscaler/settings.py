@@ -128,6 +128,21 @@ class EmulatorSettings:
 
 
 @dataclass(frozen=True)
+class AwsSources:
+    """Where the AWS settings in use came from: shown by plan, run and doctor, never decided by.
+
+    ``region`` is one of --region, manifest, config file, AWS_REGION, AWS_DEFAULT_REGION,
+    "profile NAME" or default; ``endpoint`` one of --endpoint-url, manifest, config file,
+    AWS_ENDPOINT_URL_BEDROCK_RUNTIME, AWS_ENDPOINT_URL, "embedded emulator" or default.
+    """
+
+    region: str = "default"
+    endpoint_url: str | None = None  # where requests go when known: configured, or botocore's from the environment
+    endpoint: str = "default"
+    profile: str | None = None  # bedrock.profile, else the one botocore picks (AWS_PROFILE); None: "default"
+
+
+@dataclass(frozen=True)
 class JobSettings:
     """Everything a job is, with paths resolved and defaults applied."""
 
@@ -144,7 +159,7 @@ class JobSettings:
     backend: Backend
     region: str
     endpoint_url: str | None
-    profile: str | None
+    profile: str | None  # configured (bedrock.profile); None lets botocore choose (AWS_PROFILE, default)
     limits: Limits
     state_dir: Path
     report_dir: Path
@@ -154,6 +169,7 @@ class JobSettings:
     output_shared: bool = False  # output.shared: other jobs may write into output_dir (disjoint names)
     prepare: PrepareSettings = field(default_factory=PrepareSettings)
     metadata: MetadataSettings = field(default_factory=MetadataSettings)
+    aws: AwsSources = field(default_factory=AwsSources)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))

@@ -176,6 +176,9 @@ def emulator_process(tmp_path: Path) -> Iterator[Callable[..., EmulatorProcess]]
 def cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["PYTHONPATH"] = str(REPO)
+    # Nor the machine's AWS files: their region or profile would be a configuration layer of every run.
+    env |= {"AWS_CONFIG_FILE": str(REPO / ".no-aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(REPO / ".no-aws-creds"),
+            "AWS_EC2_METADATA_DISABLED": "true"}
     # Dummy keys, as a user's environment would hold real ones (the emulator checks only the signature's shape).
     env |= {"AWS_ACCESS_KEY_ID": "AKIDTESTTEST", "AWS_SECRET_ACCESS_KEY": "test-secret"}
     return env

@@ -8,7 +8,10 @@ profile-found / profile-missing logic is exercised with a botocore Stubber on th
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from moto.server import ThreadedMotoServer
 from batch_upscaler.doctor import (
     ACCESS,
     CREDENTIALS,
+    ENDPOINT,
     IDENTITY,
     PROFILE,
     REGION,
@@ -29,11 +33,13 @@ from batch_upscaler.doctor import (
     Status,
     exit_code,
     options_from_settings,
+    redactor,
     render,
     run_checks,
 )
 from batch_upscaler.emulator import EmulatorThread
 from batch_upscaler.manifest import load_settings
+from tests.conftest import cli_env
 
 EmulatorFactory = Callable[..., EmulatorThread]
 BASE_ID = "stability.stable-conservative-upscale-v1:0"
@@ -96,12 +102,13 @@ def test_healthy_setup_is_ok_and_the_probe_is_one_rejected_request(
         moto_url: str, emulator_factory: EmulatorFactory) -> None:
     emulator = emulator_factory()
     results = run_checks(options(moto_url, emulator.endpoint_url))
-    assert [r.name for r in results] == [CREDENTIALS, IDENTITY, REGION, PROFILE, ACCESS]
+    assert [r.name for r in results] == [CREDENTIALS, IDENTITY, REGION, ENDPOINT, PROFILE, ACCESS]
     checks = by_name(results)
-    assert [r.status for r in results] == [Status.OK, Status.OK, Status.OK, Status.WARN, Status.OK]
+    assert [r.status for r in results] == [Status.OK, Status.OK, Status.OK, Status.OK, Status.WARN, Status.OK]
     assert checks[CREDENTIALS].detail.startswith("from environment variables, key AKIA…W9ZK")
     assert "temporary" in checks[CREDENTIALS].detail
-    assert checks[IDENTITY].detail == "arn:aws:sts::123456789012:user/moto (account 123456789012)"
+    assert checks[IDENTITY].detail == f"arn:aws:sts::123456789012:user/moto (account 123456789012) via {moto_url}"
+    assert checks[ENDPOINT].detail == f"bedrock-runtime {emulator.endpoint_url}, configured"
     # moto has no list-inference-profiles: reported as a warning, not a failure.
     assert checks[PROFILE].detail.startswith("could not list inference profiles (HTTP 500:")
     assert "ValidationException" in checks[ACCESS].detail
@@ -177,11 +184,23 @@ def test_unsupported_region_fails_and_skips_the_bedrock_checks(moto_url: str) ->
 
 
 @pytest.mark.usefixtures("with_env_keys")
-def test_unreachable_sts_fails_identity_and_skips_the_bedrock_checks() -> None:
-    checks = by_name(run_checks(options(closed_port_url(), None)))
-    assert checks[IDENTITY].status is Status.FAIL
-    assert checks[IDENTITY].fix is not None and checks[IDENTITY].fix.startswith("cannot reach the STS endpoint")
-    assert checks[ACCESS] == CheckResult(ACCESS, Status.SKIP, "not run: the identity check failed")
+def test_unreachable_sts_warns_and_the_bedrock_checks_still_run(emulator_factory: EmulatorFactory) -> None:
+    no_sts = closed_port_url()
+    results = run_checks(options(no_sts, emulator_factory().endpoint_url))
+    checks = by_name(results)
+    assert checks[IDENTITY].status is Status.WARN
+    assert checks[IDENTITY].detail.startswith(f"STS at {no_sts} could not be reached (EndpointConnectionError")
+    assert checks[IDENTITY].fix is not None and checks[IDENTITY].fix.startswith("runs do not need STS")
+    assert checks[ACCESS].status is Status.OK
+    assert exit_code(results) == 0
+
+
+@pytest.mark.usefixtures("with_env_keys")
+def test_unreachable_sts_and_bedrock_fail_on_model_access() -> None:
+    results = run_checks(options(closed_port_url(), closed_port_url()))
+    checks = by_name(results)
+    assert checks[IDENTITY].status is Status.WARN and checks[ACCESS].status is Status.FAIL
+    assert exit_code(results) == 3
 
 
 # --- the inference-profile logic moto cannot serve: a Stubber on the bedrock client ---------------
@@ -289,7 +308,7 @@ def test_options_from_settings(write_manifest: Callable[..., Path]) -> None:
     assert options_from_settings(settings, control_endpoint_url="http://127.0.0.1:8") == DoctorOptions(
         region="us-west-2", profile=None, model_id=PROFILE_ID, base_model_id=BASE_ID,
         runtime_endpoint_url="http://127.0.0.1:9", control_endpoint_url="http://127.0.0.1:8",
-        connect_timeout_s=10.0)
+        region_source="manifest", endpoint_source="manifest", connect_timeout_s=10.0)
 
 
 def test_doctor_command_end_to_end(moto_url: str, emulator_factory: EmulatorFactory, with_env_keys: None,
@@ -308,3 +327,139 @@ def test_doctor_command_end_to_end(moto_url: str, emulator_factory: EmulatorFact
     assert main(["doctor", "--model", "fast", "--endpoint-url", denied.endpoint_url,
                  "--control-endpoint-url", moto_url]) == 3
     assert "FAIL  model access" in capsys.readouterr().out
+
+
+# --- the command with the AWS environment people have (a subprocess each: the CLI reads it) -----
+
+
+def doctor_cli(*args: str, env: dict[str, str] | None = None, keys: bool = True) -> subprocess.CompletedProcess[str]:
+    """``batch-upscaler doctor`` with the tests' dummy keys (or none), no AWS files, and ``env`` on top."""
+    base = cli_env() if keys else {k: v for k, v in cli_env().items() if not k.startswith("AWS_") or
+                                   k in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED")}
+    return subprocess.run([sys.executable, "-m", "batch_upscaler", "doctor", *args], env=base | (env or {}),
+                          capture_output=True, text=True, timeout=60)
+
+
+def line_of(output: str, name: str) -> str:
+    """The line of one check in rendered output (its fix line, if any, appended)."""
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if line[6:].startswith(name + " "):
+            return line + ("\n" + lines[i + 1] if i + 1 < len(lines) and lines[i + 1].startswith(" " * 6) else "")
+    raise AssertionError(f"no {name} line in:\n{output}")
+
+
+@pytest.mark.parametrize(("args", "env", "in_manifest"), [
+    ((), {"AWS_PROFILE": "nosuch"}, False),
+    (("--profile", "nosuch"), {"AWS_PROFILE": "other"}, False),
+    ((), {}, True),
+])
+def test_a_missing_profile_is_named_wherever_it_came_from(
+        write_manifest: Callable[..., Path], args: tuple[str, ...], env: dict[str, str], in_manifest: bool) -> None:
+    manifest = (str(write_manifest(backend="bedrock", bedrock={"profile": "nosuch"})),) if in_manifest else ()
+    done = doctor_cli(*manifest, *args, env=env)
+    assert done.returncode == 3, done.stdout + done.stderr
+    credentials = line_of(done.stdout, CREDENTIALS)
+    assert "AWS profile 'nosuch' not found" in credentials
+    assert "`aws configure --profile nosuch`" in credentials
+    assert "None" not in done.stdout
+
+
+def test_offline_with_only_a_bedrock_endpoint_identity_warns_and_access_is_checked(
+        emulator_factory: EmulatorFactory) -> None:
+    emulator = emulator_factory()
+    no_sts = closed_port_url()  # nothing listens: no STS (nor bedrock control plane) is reachable
+    done = doctor_cli("--endpoint-url", emulator.endpoint_url, env={"AWS_ENDPOINT_URL": no_sts})
+    assert done.returncode == 0, done.stdout + done.stderr
+    identity = line_of(done.stdout, IDENTITY)
+    assert identity.startswith("WARN  identity"), done.stdout
+    assert f"STS at {no_sts} could not be reached" in identity
+    assert "the model access check" in identity
+    assert line_of(done.stdout, ACCESS).startswith("ok    model access")
+    [record] = emulator.records()
+    assert (record.status, record.model_id) == (400, PROFILE_ID)
+
+
+def test_sts_is_asked_at_the_regional_endpoint_even_with_legacy_settings(emulator_factory: EmulatorFactory) -> None:
+    emulator = emulator_factory()
+    offline = closed_port_url()  # a proxy that is not there: nothing leaves this machine
+    env = {"AWS_STS_REGIONAL_ENDPOINTS": "legacy", "AWS_REGION": "us-west-2", "HTTPS_PROXY": offline,
+           "HTTP_PROXY": offline, "NO_PROXY": "127.0.0.1"}
+    done = doctor_cli("--endpoint-url", emulator.endpoint_url, env=env)
+    identity = line_of(done.stdout, IDENTITY)
+    assert "https://sts.us-west-2.amazonaws.com" in identity, done.stdout
+    assert "sts.amazonaws.com" not in done.stdout.replace("sts.us-west-2.amazonaws.com", "")
+    assert identity.startswith("WARN  identity")
+    assert done.returncode == 0 and len(emulator.records()) == 1
+
+
+def test_sts_honours_aws_endpoint_url_sts(moto_url: str, emulator_factory: EmulatorFactory) -> None:
+    emulator = emulator_factory()
+    env = {"AWS_ENDPOINT_URL_STS": moto_url, "AWS_ENDPOINT_URL": closed_port_url()}
+    done = doctor_cli("--endpoint-url", emulator.endpoint_url, env=env)
+    assert done.returncode == 0, done.stdout
+    identity = line_of(done.stdout, IDENTITY)
+    assert identity.startswith("ok    identity") and f"via {moto_url}" in identity
+
+
+@pytest.mark.parametrize(("key_id", "secret"), [("test", "test"), ("AKIDTEST", "y"), ("ent", "ion")])
+def test_short_dummy_keys_do_not_garble_words(moto_url: str, emulator_factory: EmulatorFactory,
+                                              key_id: str, secret: str) -> None:
+    emulator = emulator_factory()
+    env = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}
+    done = doctor_cli("--endpoint-url", emulator.endpoint_url, "--control-endpoint-url", moto_url, env=env)
+    assert done.returncode == 0, done.stdout
+    out = done.stdout
+    assert not re.search(r"\w(\[redacted\]|…)|(\[redacted\]|…)\w", out.replace("AKID…TEST", "")), out
+    for phrase in ("from environment variables", "(account 123456789012)", "was authorised", "nothing was billed",
+                   "identity", "validation", "region", "us-east-1, the built-in default"):
+        assert phrase in out, out
+
+
+def test_region_flag_without_a_prefix_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from batch_upscaler.cli import main
+
+    assert main(["doctor", "--region", "eu-west-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--region eu-west-1: no inference-profile prefix is known for 'eu-west-1'" in err
+    assert "doctor.yaml" not in err
+
+
+@pytest.mark.parametrize("how", ["environment", "flags", "manifest"])
+def test_doctor_shows_the_region_and_endpoint_in_use_and_where_they_came_from(
+        moto_url: str, emulator_factory: EmulatorFactory, write_manifest: Callable[..., Path], how: str) -> None:
+    emulator = emulator_factory()
+    url = emulator.endpoint_url
+    if how == "environment":
+        done = doctor_cli(env={"AWS_REGION": "us-west-2", "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": url,
+                               "AWS_ENDPOINT_URL_STS": moto_url, "AWS_ENDPOINT_URL": closed_port_url()})
+        region, source, endpoint_source = "us-west-2", "AWS_REGION", "AWS_ENDPOINT_URL_BEDROCK_RUNTIME"
+    elif how == "flags":
+        done = doctor_cli("--region", "us-east-2", "--endpoint-url", url, "--control-endpoint-url", moto_url,
+                          env={"AWS_REGION": "us-west-2", "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": closed_port_url()})
+        region, source, endpoint_source = "us-east-2", "--region", "--endpoint-url"
+    else:
+        manifest = write_manifest(backend="bedrock", bedrock={"region": "us-east-2", "endpoint_url": url})
+        done = doctor_cli(str(manifest), "--control-endpoint-url", moto_url, env={"AWS_DEFAULT_REGION": "us-west-2"})
+        region, source, endpoint_source = "us-east-2", "manifest", "manifest"
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert line_of(done.stdout, REGION).startswith(f"ok    region             {region}, from {source}")
+    assert line_of(done.stdout, ENDPOINT).startswith(f"ok    endpoint           bedrock-runtime {url}, "
+                                                     f"from {endpoint_source}")
+    assert line_of(done.stdout, ACCESS).startswith("ok    model access")
+    assert [r.signing_region for r in emulator.records()] == [region]
+
+
+def test_doctor_shows_the_default_endpoint_without_asking_it(emulator_factory: EmulatorFactory) -> None:
+    done = doctor_cli(keys=False)  # no credentials: nothing is sent anywhere
+    assert done.returncode == 3
+    assert line_of(done.stdout, REGION).startswith("ok    region             us-east-1, the built-in default")
+    assert line_of(done.stdout, ENDPOINT).startswith("ok    endpoint           bedrock-runtime "
+                                                     "https://bedrock-runtime.us-east-1.amazonaws.com, "
+                                                     "the AWS default for the region")
+
+
+def test_long_secrets_are_redacted_even_inside_other_text_and_short_ones_only_as_words() -> None:
+    scrub = redactor([SECRET, "test"], [KEY_ID, "key"])
+    text = scrub(f"x{SECRET}y id={KEY_ID}, the latest test of a keyring key; a test-only value")
+    assert text == "x[redacted]y id=AKIA…W9ZK, the latest [redacted] of a keyring …; a [redacted]-only value"

@@ -161,3 +161,31 @@ def test_cli_exits_2_with_key_path_and_no_traceback(tmp_path: Path, capsys: pyte
 def test_cli_missing_manifest_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", str(tmp_path / "nope.yaml")]) == 2
     assert "manifest file not found" in capsys.readouterr().err
+
+
+def test_the_aws_environment_is_a_layer_between_the_config_file_and_the_built_ins(tmp_path: Path) -> None:
+    import yaml
+
+    from batch_upscaler.manifest import AwsEnvironment, build_settings, manifest_layers
+
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(manifest_doc(backend="bedrock")))
+    config = tmp_path / "config.yaml"
+    config.write_text("bedrock: {region: us-east-2}\n")
+    aws = AwsEnvironment(region="us-west-2", region_source="AWS_REGION", profile="x",
+                         endpoint_url="http://127.0.0.1:9", endpoint_source="AWS_ENDPOINT_URL")
+    settings = build_settings(manifest_layers(manifest), aws)
+    assert (settings.region, settings.aws.region) == ("us-west-2", "AWS_REGION")  # the environment beats us-east-1
+    assert settings.endpoint_url is None and settings.profile is None  # left to botocore, which reads them itself
+    assert (settings.aws.endpoint_url, settings.aws.endpoint, settings.aws.profile) == (
+        "http://127.0.0.1:9", "AWS_ENDPOINT_URL", "x")
+    from_config = build_settings(manifest_layers(manifest, config), aws)
+    assert (from_config.region, from_config.aws.region) == ("us-east-2", "config file")
+    flagged = build_settings(manifest_layers(manifest, config, {"bedrock": {"region": "us-east-1",
+                                                                          "endpoint_url": "http://127.0.0.1:8"}}), aws)
+    assert (flagged.region, flagged.aws.region, flagged.endpoint_url, flagged.aws.endpoint) == (
+        "us-east-1", "--region", "http://127.0.0.1:8", "--endpoint-url")
+    manifest.write_text(yaml.safe_dump(manifest_doc()))  # backend: emulator needs no AWS set-up
+    emulated = build_settings(manifest_layers(manifest), aws)
+    assert (emulated.region, emulated.aws.region, emulated.aws.endpoint) == (
+        "us-east-1", "default", "embedded emulator")

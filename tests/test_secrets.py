@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -50,3 +51,20 @@ def test_no_secret_or_body_in_any_artefact_of_a_failing_run(
         for piece in body_pieces:
             assert piece not in text, f"request body leaked into {name}"
     assert "ValidationException" in failing.stderr  # the run did report its failures
+
+
+def test_no_secret_in_doctor_output_whatever_its_checks_meet(emulator_factory: EmulatorFactory) -> None:
+    with socket.socket() as sock:  # a port nothing listens on: STS cannot be reached
+        sock.bind(("127.0.0.1", 0))
+        no_sts = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    outputs = []
+    for emulator in (emulator_factory(), emulator_factory(deny_access=True)):
+        done = subprocess.run([sys.executable, "-m", "batch_upscaler", "doctor", "-v", "--endpoint-url",
+                               emulator.endpoint_url], env=cli_env() | SENTINELS | {"AWS_ENDPOINT_URL": no_sts},
+                              capture_output=True, text=True, timeout=60)
+        outputs.append(done.stdout + done.stderr)
+    text = "\n".join(outputs)
+    assert "WARN  identity" in text and "AccessDeniedException" in text and "AKIA…W9ZK" in text
+    for secret in SENTINELS.values():
+        for piece in (secret, secret[:12], secret[-12:]):
+            assert piece not in text

@@ -1,6 +1,7 @@
 """The record of what the emulator was asked and how it answered, in memory and as JSON lines.
 
-Records hold only metadata: never the request body (it carries the image) nor any header.
+Records hold only metadata: never the request body (it carries the image) nor any header (of the
+Authorization header only the region the request was signed for is kept).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class RequestRecord:
     output_sha256: str | None = None  # of the image returned (faults that break the body aside)
     received_at: float | None = None  # time.time() when the request arrived
     latency_s: float | None = None  # the latency drawn for this answer (None: none was reached)
+    # The region the request was signed for (SigV4 credential scope), the only piece of a header kept
+    signing_region: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

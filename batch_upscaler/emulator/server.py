@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from batch_upscaler.emulator.upscale import CannedOutputs, ImageRejected, Upscal
 # Above the 25,000,000-byte Bedrock cap so that *our* ValidationException answers, not aiohttp's 413.
 CLIENT_MAX_SIZE = 64 * 1024 * 1024
 SEED_MAX = 4_294_967_294
+_CREDENTIAL_SCOPE = re.compile(r"Credential=[^/,\s]+/\d{8}/([a-z0-9-]+)/")
 AUTH_SCHEMES = ("AWS4-HMAC-SHA256 ", "Bearer ")
 CANCELLED_STATUS = 499  # recorded (never sent) when the client leaves or the server stops mid-request
 _DISCONNECT_MAX_PART = 64 * 1024  # small enough to leave with the headers before the abort
@@ -65,6 +67,7 @@ class _Exchange:
     image_format: str | None = None
     params: dict[str, Any] | None = None
     latency_s: float | None = None
+    signing_region: str | None = None
 
     def record(self, status: int, now: float) -> RequestRecord:
         return RequestRecord(
@@ -73,7 +76,7 @@ class _Exchange:
             fault=None if self.fault is None else str(self.fault), output_size=self.output_size,
             duration_s=max(0.0, now - self.started), image_format=self.image_format, params=self.params,
             output_sha256=self.output_sha256,
-            received_at=self.received_at, latency_s=self.latency_s,
+            received_at=self.received_at, latency_s=self.latency_s, signing_region=self.signing_region,
         )
 
 
@@ -117,6 +120,12 @@ def _model_id(request: web.Request) -> str:
     return unquote(model_id) if "%" in model_id else model_id
 
 
+def signing_region(headers: Mapping[str, str]) -> str | None:
+    """The region of a SigV4 signature's credential scope (``Credential=KEY/DATE/REGION/SERVICE/aws4_request``)."""
+    match = _CREDENTIAL_SCOPE.search(headers.get("Authorization", ""))
+    return match.group(1) if match else None
+
+
 def _check_auth(headers: Mapping[str, str]) -> None:
     # Presence only: signatures are not verified, so dummy credentials work.
     if not headers.get("Authorization", "").startswith(AUTH_SCHEMES):
@@ -149,7 +158,8 @@ class _Invoker:
                         if config.canned_output else None)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        exchange = _Exchange(seq=self._log.next_seq(), model_id=_model_id(request), started=self._clock())
+        exchange = _Exchange(seq=self._log.next_seq(), model_id=_model_id(request), started=self._clock(),
+                             signing_region=signing_region(request.headers))
         try:
             response = await self._process(request, exchange)
         except Rejected as rejected:
