@@ -47,8 +47,9 @@ class ClientSettings:
 
 
 @asynccontextmanager
-async def open_client(settings: ClientSettings) -> AsyncIterator[Any]:
-    """The one bedrock-runtime client a run shares (its connection pool is the concurrency)."""
+async def open_client(settings: ClientSettings, session: AioSession | None = None) -> AsyncIterator[Any]:
+    """The one bedrock-runtime client a run shares (its connection pool is the concurrency), made
+    from the run's one AWS session (the S3 clients come from it too)."""
     config = AioConfig(
         max_pool_connections=max(10, settings.concurrency),
         read_timeout=settings.read_timeout_s,
@@ -60,7 +61,7 @@ async def open_client(settings: ClientSettings) -> AsyncIterator[Any]:
         keys = {"aws_access_key_id": settings.static_credentials[0],
                 "aws_secret_access_key": settings.static_credentials[1]}
     try:
-        session = AioSession(profile=settings.profile)
+        session = session or AioSession(profile=settings.profile)
         client_cm = session.create_client("bedrock-runtime", region_name=settings.region,
                                           endpoint_url=settings.endpoint_url, config=config, **keys)
         client = await client_cm.__aenter__()

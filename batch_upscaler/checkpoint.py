@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS items (
     gone INTEGER NOT NULL DEFAULT 0,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
+    etag TEXT,
     params_hash TEXT NOT NULL,
     content_sha256 TEXT,
     format TEXT,
@@ -139,6 +140,7 @@ class Known:
     output_norm: str | None = None
     error_code: str | None = None
     checks_hash: str | None = None
+    etag: str | None = None
     gone: bool = False
 
 
@@ -163,6 +165,13 @@ class Scanned:
     raw_relpath: bytes | None = None  # the name's bytes when it is not UTF-8
     output_norm: str | None = None  # the output path as the output filesystem compares names
     checks_hash: str | None = None  # the limits the scan-time decision was made with
+    etag: str | None = None  # S3 sources: the object's ETag (its cheap fingerprint, with the size)
+    # Succeeded at scan: an output the checkpoint did not know, proven by its own record (S3 metadata).
+    content_sha256: str | None = None
+    output_bytes: int | None = None
+    output_digest: str | None = None
+    output_size: tuple[int, int] | None = None
+    sent_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,7 @@ class WorkItem:
     height: int | None
     raw_relpath: bytes | None = None
     possibly_billed: int = 0  # attempts of earlier runs that may have been billed without an answer recorded
+    etag: str | None = None  # S3 sources: read only if the object still has this ETag
 
     @property
     def fs_relpath(self) -> str:
@@ -200,7 +210,7 @@ class OutputCopy:
 
 
 _KNOWN_COLUMNS = ("size", "mtime_ns", "params_hash", "content_sha256", "output_path", "output_bytes",
-                  "output_digest", "output_norm", "error_code", "checks_hash")
+                  "output_digest", "output_norm", "error_code", "checks_hash", "etag")
 _BUSY_STEP_S = 1.0  # sqlite's own busy wait per try; our logged back-off comes between tries
 
 
@@ -379,27 +389,39 @@ class Checkpoint:
             return None
         return Known(ItemState(row[0]), gone=bool(row[1]), **dict(zip(_KNOWN_COLUMNS, row[2:], strict=True)))
 
-    def mark_seen(self, key: str, seq: int, *, size: int | None = None, mtime_ns: int | None = None) -> None:
-        """An unchanged item was seen again (optionally with a refreshed stat of equal content)."""
+    def mark_seen(self, key: str, seq: int, *, size: int | None = None, mtime_ns: int | None = None,
+                  etag: str | None = None) -> None:
+        """An unchanged item was seen again (optionally with a refreshed fingerprint of equal content)."""
         self._scan_write("UPDATE items SET seq = ?, scan_id = ?, gone = 0, size = COALESCE(?, size), "
-                         "mtime_ns = COALESCE(?, mtime_ns) WHERE key = ?",
-                         (seq, self._scan_id, size, mtime_ns, key))
+                         "mtime_ns = COALESCE(?, mtime_ns), etag = COALESCE(?, etag) WHERE key = ?",
+                         (seq, self._scan_id, size, mtime_ns, etag, key))
+
+    def lookup_names(self, key: str) -> tuple[str, str] | None:
+        """(source, relpath) of ``key``, to name it to people."""
+        row = self._conn.execute("SELECT source, relpath FROM items WHERE key = ?", (key,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
 
     def record_scanned(self, item: Scanned) -> None:
         """Insert a new item, or reset a changed one to the state its fresh probe decided."""
-        assert item.state in (ItemState.PENDING, ItemState.SKIPPED, ItemState.FAILED)
+        # Succeeded only when proven at scan by the output's own record; otherwise a probe's verdict.
+        assert item.state is not ItemState.IN_PROGRESS
         now = self._now()
         failed_run = self.run_id if item.state is ItemState.FAILED else None
+        out_w, out_h = item.output_size or (None, None)
+        sent_w, sent_h = item.sent_size or (None, None)
         self._scan_write(
             "INSERT INTO items (key, seq, source, relpath, state, size, mtime_ns, params_hash, output_path,"
             " format, width, height, error_code, error_message, scan_id, created_at, updated_at, raw_relpath,"
-            " output_norm, checks_hash, failed_run)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " output_norm, checks_hash, failed_run, etag, content_sha256, output_bytes, output_digest,"
+            " output_width, output_height, sent_width, sent_height, finished_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (key) DO UPDATE SET seq=excluded.seq, state=excluded.state, gone=0,"
-            " size=excluded.size, mtime_ns=excluded.mtime_ns, params_hash=excluded.params_hash,"
-            " content_sha256=NULL, output_path=excluded.output_path, output_norm=excluded.output_norm,"
-            " output_bytes=NULL, output_digest=NULL, output_width=NULL,"
-            " output_height=NULL, sent_width=NULL, sent_height=NULL, dedup_of=NULL, format=excluded.format,"
+            " size=excluded.size, mtime_ns=excluded.mtime_ns, params_hash=excluded.params_hash, etag=excluded.etag,"
+            " content_sha256=excluded.content_sha256, output_path=excluded.output_path,"
+            " output_norm=excluded.output_norm, output_bytes=excluded.output_bytes,"
+            " output_digest=excluded.output_digest, output_width=excluded.output_width,"
+            " output_height=excluded.output_height, sent_width=excluded.sent_width,"
+            " sent_height=excluded.sent_height, dedup_of=NULL, format=excluded.format,"
             " width=excluded.width, height=excluded.height, checks_hash=excluded.checks_hash,"
             " attempts=0, throttles=0, in_flight=0, possibly_billed=0,"
             # A refusal decided again for an unchanged file, with the same outcome, is not new.
@@ -407,11 +429,13 @@ class Checkpoint:
             " AND items.size = excluded.size AND items.mtime_ns = excluded.mtime_ns"
             " THEN items.failed_run ELSE excluded.failed_run END,"
             " error_code=excluded.error_code, error_message=excluded.error_message,"
-            " scan_id=excluded.scan_id, updated_at=excluded.updated_at, started_at=NULL, finished_at=NULL",
+            " scan_id=excluded.scan_id, updated_at=excluded.updated_at, started_at=NULL,"
+            " finished_at=excluded.finished_at",
             (item.key, item.seq, item.source, item.relpath, item.state, item.size, item.mtime_ns,
              item.params_hash, item.output_path, item.format, item.width, item.height, item.error_code,
              item.error_message, self._scan_id, now, now, item.raw_relpath, item.output_norm, item.checks_hash,
-             failed_run))
+             failed_run, item.etag, item.content_sha256, item.output_bytes, item.output_digest, out_w, out_h,
+             sent_w, sent_h, now if item.state is ItemState.SUCCEEDED else None))
 
     def output_owner(self, output_norm: str, key: str) -> str | None:
         """The live item other than ``key`` that holds ``output_norm``, across the whole checkpoint.
@@ -480,6 +504,17 @@ class Checkpoint:
                    "dedup_of = ?, finished_at = ?",
                    (output_bytes, output_digest, out_w, out_h, sent_w, sent_h, dedup_of, self._now()))
 
+    def adopt_output(self, key: str, content_sha256: str, output_bytes: int, output_digest: str,
+                     output_size: tuple[int, int] | None, sent_size: tuple[int, int] | None) -> None:
+        """A pending item whose output is already there, proven by its own record (S3 metadata): a run
+        that was killed after the upload and before recording it. Done, and not paid again."""
+        out_w, out_h = output_size or (None, None)
+        sent_w, sent_h = sent_size or (None, None)
+        self._move(key, (ItemState.PENDING,), "state = 'succeeded', in_flight = 0, content_sha256 = ?, "
+                   "output_bytes = ?, output_digest = ?, output_width = ?, output_height = ?, sent_width = ?, "
+                   "sent_height = ?, finished_at = ?",
+                   (content_sha256, output_bytes, output_digest, out_w, out_h, sent_w, sent_h, self._now()))
+
     def fail(self, key: str, code: str, message: str) -> None:
         self._move(key, (ItemState.IN_PROGRESS,), "state = 'failed', in_flight = 0, error_code = ?, "
                    "error_message = ?, failed_run = ?, finished_at = ?",
@@ -524,7 +559,7 @@ class Checkpoint:
     def pending(self, after_seq: int, limit: int) -> list[WorkItem]:
         rows = self._conn.execute(
             "SELECT key, seq, source, relpath, size, mtime_ns, output_path, format, width, height, raw_relpath, "
-            "possibly_billed FROM items "
+            "possibly_billed, etag FROM items "
             "WHERE state = 'pending' AND gone = 0 AND seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
         return [WorkItem(*row) for row in rows.fetchall()]
 
@@ -546,12 +581,12 @@ class Checkpoint:
                                   "AND gone = 0 AND failed_run = ? GROUP BY 1 ORDER BY 1", (run_id,))
         return {str(code): int(n) for code, n in rows.fetchall()}
 
-    def failed_in_run(self, run_id: int, limit: int) -> list[tuple[str, str, str]]:
-        """(source, relpath, message) of the first ``limit`` items that failed in run ``run_id``."""
-        rows = self._conn.execute("SELECT source, relpath, COALESCE(error_message, error_code, '') FROM items "
+    def failed_in_run(self, run_id: int, limit: int) -> list[tuple[str, str, str, str]]:
+        """(source, relpath, key, message) of the first ``limit`` items that failed in run ``run_id``."""
+        rows = self._conn.execute("SELECT source, relpath, key, COALESCE(error_message, error_code, '') FROM items "
                                   "WHERE state = 'failed' AND gone = 0 AND failed_run = ? ORDER BY seq LIMIT ?",
                                   (run_id, limit))
-        return [(str(a), str(b), str(c)) for a, b, c in rows.fetchall()]
+        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows.fetchall()]
 
     def succeeded_copies(self, content_sha256: str, params_hash: str, key: str) -> list[OutputCopy]:
         """Succeeded items (live ones first) with the same content and parameters: candidates whose

@@ -280,12 +280,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from batch_upscaler.report import ReportWriter
+    from batch_upscaler.report import publish_report
 
     settings = _settings(args)
     checkpoint = _existing_checkpoint(settings)
     try:
-        print(ReportWriter(settings, checkpoint).write())
+        print(publish_report(settings, checkpoint))
     finally:
         checkpoint.close()
     return ExitCode.OK

@@ -54,20 +54,28 @@ class SourceRoot:
 
 @dataclass(frozen=True)
 class Found:
-    """One discovered file, with the cheap fingerprint (size and mtime) from its stat."""
+    """One discovered file or object, with its cheap fingerprint: size and mtime from a local stat,
+    or size and ETag from an S3 listing (mtime 0: a re-upload of equal bytes is not a change)."""
 
     source: str
     relpath: str  # POSIX, relative to the source root
-    path: Path
+    path: Path | None  # the local file; None for an S3 object
     size: int
     mtime_ns: int
     kind: EntryKind = EntryKind.FILE
     # The name's raw bytes when it is not valid UTF-8; ``relpath`` then holds a printable stand-in.
     raw_relpath: bytes | None = None
+    etag: str | None = None  # S3: the object's ETag
+    url: str | None = None  # S3: ``s3://bucket/key``, the item's machine-independent identity
 
     @property
     def key(self) -> str:
-        return f"{self.source}:{self.relpath}"
+        return self.url or f"{self.source}:{self.relpath}"
+
+    @property
+    def fs_relpath(self) -> str:
+        """The relative path as the filesystem names it (``relpath`` may be a printable stand-in)."""
+        return os.fsdecode(self.raw_relpath) if self.raw_relpath is not None else self.relpath
 
 
 def printable(name: str) -> str:
@@ -117,6 +125,17 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def accepts(relpath: str, pattern: str | None, exclude: tuple[str, ...], also: tuple[str, ...] = ()) -> bool:
+    """The rules every source applies to a path below its root (local walks and S3 listings alike):
+    an image extension, no hidden component (``.*``, AppleDouble ``._*``), the source's glob, and no
+    exclude matching the path below the root or any of the ``also`` forms of it."""
+    if not is_image_name(relpath) or any(part.startswith(".") for part in relpath.split("/")):
+        return False
+    if pattern is not None and not wcglob.globmatch(relpath, pattern, flags=_GLOB_FLAGS):
+        return False
+    return not exclude or not any(wcglob.globmatch(c, list(exclude), flags=_GLOB_FLAGS) for c in (relpath, *also))
+
+
 class Discovery:
     """Walks the sources; ``errors`` collects (path, message) for directories it could not read."""
 
@@ -133,12 +152,16 @@ class Discovery:
 
     def __iter__(self) -> Iterator[Found]:
         for root in self.roots:
-            if root.single_file:
-                found = self._consider(root, root.root, root.root.name)
-                if found:
-                    yield found
-                continue
-            yield from self._walk(root)
+            yield from self.walk_root(root)
+
+    def walk_root(self, root: SourceRoot) -> Iterator[Found]:
+        """The files of one source (a file already yielded by an earlier source is not yielded again)."""
+        if root.single_file:
+            found = self._consider(root, root.root, root.root.name)
+            if found:
+                yield found
+            return
+        yield from self._walk(root)
 
     def _walk(self, root: SourceRoot) -> Iterator[Found]:
         # Iterative DFS over sorted names; visited directories are tracked per source so a
@@ -182,9 +205,8 @@ class Discovery:
         return sorted(subdirs), sorted(files)
 
     def _consider(self, root: SourceRoot, path: Path, relpath: str) -> Found | None:
-        if not is_image_name(relpath) or self._excluded(path, relpath):
-            return None
-        if root.pattern is not None and not wcglob.globmatch(relpath, root.pattern, flags=_GLOB_FLAGS):
+        also = (os.path.relpath(path, self.base_dir).replace(os.sep, "/"),) if self.base_dir is not None else ()
+        if not accepts(relpath, root.pattern, self.exclude, also):
             return None
         try:
             st = path.stat()
@@ -217,11 +239,8 @@ class Discovery:
             if real == root_real or not real.is_relative_to(root_real) or self._pruned(root_real, real):
                 continue
             relpath = real.relative_to(root_real).as_posix()
-            if any(part.startswith(".") for part in relpath.split("/")) or not is_image_name(relpath):
-                continue
-            if root.pattern is not None and not wcglob.globmatch(relpath, root.pattern, flags=_GLOB_FLAGS):
-                continue
-            if not self._excluded(real, relpath):
+            also = (os.path.relpath(real, self.base_dir).replace(os.sep, "/"),) if self.base_dir is not None else ()
+            if accepts(relpath, root.pattern, self.exclude, also):
                 return root
         return None
 
@@ -229,15 +248,6 @@ class Discovery:
         """The walk from ``top`` never reaches ``path``: it lies in a pruned directory (the output or
         state directory) inside ``top``, existing or still to be created."""
         return any(path.is_relative_to(pruned) and pruned.is_relative_to(top) for pruned in self._prune_real)
-
-    def _excluded(self, path: Path, relpath: str) -> bool:
-        """Excludes match the path below the source root or below the manifest's directory."""
-        if not self.exclude:
-            return False
-        candidates = [relpath]
-        if self.base_dir is not None:
-            candidates.append(os.path.relpath(path, self.base_dir).replace(os.sep, "/"))
-        return any(wcglob.globmatch(c, list(self.exclude), flags=_GLOB_FLAGS) for c in candidates)
 
 
 def _identity(path: Path) -> tuple[int, int]:

@@ -23,8 +23,8 @@ from batch_upscaler.metadata import (
     orientation_exif,
     prepare_exif,
 )
-from batch_upscaler.outputs import FileParts
 from batch_upscaler.settings import MetadataSettings
+from batch_upscaler.storage.base import FileParts
 
 log = logging.getLogger(__name__)
 

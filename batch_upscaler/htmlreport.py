@@ -29,8 +29,9 @@ from typing import Any
 from PIL import Image
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState
-from batch_upscaler.discovery import SourceRoot, parse_source, printable
+from batch_upscaler.discovery import printable
 from batch_upscaler.settings import JobSettings
+from batch_upscaler.storage.names import Names
 
 GROUP_LIST_LIMIT = 200  # files listed per failure/skip reason; the rest are counted (items.csv has all)
 THUMB_QUALITY = 70
@@ -69,23 +70,17 @@ class _Names:
     """Display names and on-disk paths of items (as report.py shows them)."""
 
     def __init__(self, settings: JobSettings) -> None:
-        self.base_dir = settings.base_dir
-        self.roots: dict[str, SourceRoot] = {s: parse_source(s, settings.base_dir) for s in settings.sources}
+        self.names = Names(settings)
 
     def display(self, row: Mapping[str, Any]) -> str:
-        root = self.roots.get(row["source"])
-        if root is None:
-            return f"{row['source']}:{row['relpath']}"
-        path = root.path_of(row["relpath"])
-        try:
-            return path.relative_to(self.base_dir).as_posix()
-        except ValueError:
-            return str(path)
+        return self.names.item(row["source"], row["relpath"], row.get("key"))
 
     def source_path(self, row: Mapping[str, Any]) -> Path | None:
-        root = self.roots.get(row["source"])
         raw = row.get("raw_relpath")
-        return None if root is None else root.path_of(os.fsdecode(raw) if raw is not None else row["relpath"])
+        return self.names.local_source(row["source"], os.fsdecode(raw) if raw is not None else row["relpath"])
+
+    def output_path(self, row: Mapping[str, Any]) -> Path | None:
+        return self.names.local_output(row["output_path"]) if row["output_path"] else None
 
 
 def render_html(settings: JobSettings, checkpoint: Checkpoint, header: Mapping[str, Any], *,
@@ -439,11 +434,11 @@ def _thumbs_section(samples: list[dict[str, Any]], succeeded: int, settings: Job
 def _pair(row: Mapping[str, Any], settings: JobSettings, names: _Names, px: int) -> str:
     name = names.display(row)
     source = names.source_path(row)
-    output = settings.output_dir / row["output_path"] if row["output_path"] else None
+    output = names.output_path(row)  # None for S3 outputs: never downloaded again for a thumbnail
     cache = settings.state_dir / "thumbnails"
     before = _box(source, px, "before", name, cache)
     after = _box(output, px, "after", name, cache)
-    if output is not None and output.is_file():
+    if output is not None and output.is_file() and isinstance(settings.report_dir, Path):
         href = urllib.parse.quote(Path(os.path.relpath(output, settings.report_dir)).as_posix(), safe="/")
         after = f'<a href="{html.escape(href, quote=True)}" title="open the full output">{after}</a>'
     sizes = f"{row['width']}×{row['height']} → {row['output_width']}×{row['output_height']}"

@@ -430,3 +430,57 @@ def _webp_leniently(source: _Source) -> Structure:
     kind, length = bytes(head[:4]), int.from_bytes(head[4:8], "little")
     width, height = _webp_frame_size(kind, source.read(20, min(length, 16)), length, 12)
     return Structure("WEBP", width, height)
+
+
+class NeedsWholeFile(Exception):
+    """The first and last bytes do not settle it (a header larger than the head, say): read it all."""
+
+
+_PNG_IEND = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of a complete PNG
+
+
+def check_ends(head: bytes, tail: bytes, size: int) -> Structure | None:
+    """The lenient check from an object's first and last bytes only (two ranged GETs on S3).
+
+    ``head`` is the first bytes (up to 64 KiB), ``tail`` the last (up to 1 MiB; the whole object
+    when small). PNG: the header is whole and an IEND chunk lies in the tail (a trailer after it is
+    tolerated, as in check_file). JPEG: the frame header and the first scan start within the head,
+    and an end-of-image marker lies in the tail. WebP: the RIFF length fits the object. Raises
+    StructureError for a cut file, NeedsWholeFile when these bytes cannot tell; None for formats it
+    does not check.
+    """
+    head_source = _Buffer(head)
+    fmt = _sniff(head[:12], strict=False)
+    if fmt is None:
+        return None
+    if fmt == "WEBP":
+        return _webp_leniently(_Sized(head_source, size))
+    try:
+        if fmt == "PNG":
+            pos, kind, length = next(iter(_png_chunks(head_source.read, len(head))))
+            dims = _ihdr_size(kind, length, head_source.read(pos + 8, 8))
+        else:
+            dims, _ = _jpeg_header(head_source)
+    except (StructureError, StopIteration):
+        if len(head) >= size:
+            raise StructureError(PNG_NO_IEND if fmt == "PNG" else JPEG_NO_EOI) from None
+        raise NeedsWholeFile(f"{fmt} header reaches beyond the first {len(head)} bytes") from None
+    end_marker = _PNG_IEND if fmt == "PNG" else b"\xff\xd9"
+    if end_marker not in tail:
+        if len(tail) < size and fmt == "JPEG":
+            raise NeedsWholeFile("no end-of-image marker in the last MiB (a long trailer?)")
+        raise StructureError(PNG_NO_IEND if fmt == "PNG" else JPEG_NO_EOI)
+    return Structure(fmt, *dims)
+
+
+class _Sized:
+    """A head buffer that knows the whole object's size (for the WebP length check)."""
+
+    def __init__(self, head: _Buffer, size: int) -> None:
+        self._head, self.size = head, size
+
+    def read(self, offset: int, length: int) -> memoryview:
+        return self._head.read(offset, length)
+
+    def has_eoi(self, start: int) -> bool:
+        return self._head.has_eoi(start)

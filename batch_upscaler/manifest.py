@@ -37,8 +37,10 @@ from batch_upscaler.settings import (
     OutputFormat,
     Oversize,
     PrepareSettings,
+    S3Settings,
     Undersize,
 )
+from batch_upscaler.storage.urls import Location, is_s3, parse_s3, s3_url_problem
 
 Check = Callable[[Any], str | None]
 
@@ -53,6 +55,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "region_prefixes": {"us-east-1": "us", "us-east-2": "us", "us-west-2": "us"},
     "models": {},
     "emulator": {"output_max_pixels": None, "latency_s": 0, "quota_rpm": None},
+    "s3": {"region": None, "endpoint_url": None, "profile": None, "checksums": "when_supported"},
     "prepare": {"orientation": "apply", "oversize": "downscale", "undersize": "skip", "aspect": "pad",
                 "alpha": "flatten", "background": "#ffffff", "min_gain": 1.0},
 }
@@ -101,13 +104,26 @@ def choice(*values: str) -> Check:
     return lambda v: None if v in values else f"must be one of {', '.join(values)}, got {v!r}"
 
 
-def str_list(*, non_empty: bool) -> Check:
+def str_list(*, non_empty: bool, each: Check | None = None) -> Check:
     def check(v: Any) -> str | None:
         if not isinstance(v, list) or (non_empty and not v):
             return f"must be a {'non-empty ' if non_empty else ''}list of strings, got {_type_name(v)}"
         bad = [i for i, item in enumerate(v) if is_str(item)]
-        return f"item {bad[0]} must be a non-empty string, got {_type_name(v[bad[0]])}" if bad else None
+        if bad:
+            return f"item {bad[0]} must be a non-empty string, got {_type_name(v[bad[0]])}"
+        problems = [(i, why) for i, item in enumerate(v) if each is not None and (why := each(item))]
+        return f"item {problems[0][0]}: {problems[0][1]}" if problems else None
     return check
+
+
+def location(v: Any) -> str | None:
+    """A local path, or an ``s3://bucket/key`` URL whose bucket part is valid (no glob in it)."""
+    return is_str(v) or (s3_url_problem(v) if is_s3(v) else None)
+
+
+def local_path(v: Any) -> str | None:
+    return is_str(v) or ("must be a local folder (the checkpoint and the lock live here), not an S3 URL"
+                         if is_s3(v) else None)
 
 
 def job_name(v: Any) -> str | None:
@@ -178,16 +194,18 @@ _EMULATOR = {
     "latency_s": Key(number(0)),
     "quota_rpm": Key(optional(number(above=0))),
 }
+_S3 = {"region": Key(optional(is_str)), "endpoint_url": Key(optional(url)), "profile": Key(optional(is_str)),
+       "checksums": Key(choice("when_supported", "when_required"))}
 _MODEL_PARAMS = ("prompt", "negative_prompt", "seed", "creativity", "style_preset")
 
 MANIFEST_SCHEMA: Mapping[str, Key] = {
     "version": Key(lambda v: None if v == 1 and not isinstance(v, bool) else f"must be 1, got {v!r}",
                    required=True),
     "name": Key(job_name, required=True),
-    "sources": Key(str_list(non_empty=True), required=True),
+    "sources": Key(str_list(non_empty=True, each=location), required=True),
     "exclude": Key(str_list(non_empty=False)),
     "output": Key(required=True, children={
-        "dir": Key(is_str, required=True),
+        "dir": Key(location, required=True),
         "format": Key(choice(*OutputFormat)),
         "naming": Key(naming_template),
         "name_compare": Key(choice(*NameCompare)),
@@ -210,8 +228,9 @@ MANIFEST_SCHEMA: Mapping[str, Key] = {
     "bedrock": Key(children=_BEDROCK),
     "limits": Key(children=_LIMITS),
     "emulator": Key(children=_EMULATOR),
-    "state_dir": Key(optional(is_str)),
-    "report_dir": Key(optional(is_str)),
+    "state_dir": Key(optional(local_path)),
+    "report_dir": Key(optional(location)),
+    "s3": Key(children=_S3),
 }
 _OVERRIDE = {"max_pixels": Key(number(1, whole=True)), "creativity_min": Key(number(0, 1)),
              "price_usd": Key(number(0))}
@@ -221,6 +240,7 @@ CONFIG_SCHEMA: Mapping[str, Key] = {
     "bedrock": Key(children=_BEDROCK),
     "limits": Key(children=_LIMITS),
     "emulator": Key(children=_EMULATOR),
+    "s3": Key(children=_S3),
     "region_prefixes": Key(any_keys=Key(is_str)),
     "models": Key(children={m.value: Key(children=_OVERRIDE) for m in ModelName}),
 }
@@ -415,7 +435,7 @@ def _region_problem(layers: Layers, source: str, region: str) -> tuple[str, str]
 def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: dict[str, Any],
               prefix: str | None, sources: AwsSources) -> JobSettings:
     base_dir = manifest_path.resolve().parent
-    state_dir = _resolve(base_dir, merged.get("state_dir") or ".batch-upscaler")
+    state_dir = _resolve_local(base_dir, merged.get("state_dir") or ".batch-upscaler")
     # The default keeps jobs that share a state_dir apart; an explicit report_dir is used as is.
     report_dir = (_resolve(base_dir, merged["report_dir"]) if merged.get("report_dir")
                   else state_dir / "reports" / merged["name"])
@@ -448,6 +468,7 @@ def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: di
         limits=limits,
         state_dir=state_dir,
         report_dir=report_dir,
+        s3=S3Settings(**merged["s3"]),
         emulator=EmulatorSettings(**merged["emulator"]),
         naming=merged["output"].get("naming", DEFAULT_TEMPLATE),
         name_compare=NameCompare(merged["output"]["name_compare"]),
@@ -470,7 +491,12 @@ def _prepare(section: dict[str, Any]) -> PrepareSettings:
     )
 
 
-def _resolve(base_dir: Path, value: str) -> Path:
+def _resolve(base_dir: Path, value: str) -> Location:
+    """A local path (relative ones from the manifest's folder) or an S3 URL, as written."""
+    return parse_s3(value) if is_s3(value) else _resolve_local(base_dir, value)
+
+
+def _resolve_local(base_dir: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
 

@@ -1,9 +1,10 @@
 """Turn a source file into everything one request needs: the JSON body, its plan and the metadata to carry.
 
-The file is read once: its bytes give the content hash (for change detection and de-duplication),
-the header (re-probed, since the file may have changed since the scan), the prepared image and the
-metadata. The body is assembled around the base64 text instead of passing a multi-megabyte string
-through ``json.dumps``, which would scan it for characters to escape (base64 has none).
+The source's bytes are read once (by the storage edge): they give the content hash (for change
+detection and de-duplication), the header (re-probed, since the file may have changed since the
+scan), the prepared image and the metadata. The body is assembled around the base64 text instead
+of passing a multi-megabyte string through ``json.dumps``, which would scan it for characters to
+escape (base64 has none).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pybase64
@@ -55,14 +55,8 @@ def build_body(image: bytes, params: Mapping[str, Any]) -> bytes:
     return b'{"image":"' + pybase64.b64encode(image) + b'"' + tail
 
 
-def build_payload(path: Path, expected_size: int, settings: JobSettings) -> Payload:
-    """Read ``path`` and build its request; raises PayloadError with a reason code."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PayloadError("source_unreadable", f"{exc.strerror or exc}") from None
-    if len(data) != expected_size:
-        raise PayloadError("source_changed", "the file changed after it was scanned; the next run redoes it")
+def build_payload(data: bytes, settings: JobSettings) -> Payload:
+    """Build the request for a source's bytes (read by the storage edge); raises PayloadError with a reason code."""
     try:
         header = read_header(io.BytesIO(data))
     except ProbeError as exc:

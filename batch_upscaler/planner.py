@@ -10,18 +10,20 @@ shared are read and hashed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from aiobotocore.session import AioSession
+
 from batch_upscaler.checkpoint import Checkpoint, ItemState, WorkItem
-from batch_upscaler.outputs import LocalOutputStore
 from batch_upscaler.progress import human_duration
 from batch_upscaler.runner import prepare_items
-from batch_upscaler.scan import file_sha256
 from batch_upscaler.settings import JobSettings, RunOptions, request_fingerprint
 from batch_upscaler.signals import StopSignals
+from batch_upscaler.storage.edge import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class Plan:
     new: int = 0
     changed: int = 0
     unchanged: int = 0
+    proven_done: int = 0  # new to this checkpoint, but their outputs prove them done (S3 metadata)
     already_done: int = 0
     to_process: int = 0
     deduplicated: int = 0
@@ -55,31 +58,31 @@ def plan_job(settings: JobSettings, options: RunOptions) -> Plan:
     """The plan for the next ``run`` with these options, from a snapshot of the checkpoint."""
     checkpoint = Checkpoint.snapshot(settings.checkpoint_path, settings.name)
     try:
-        return _plan(settings, options, checkpoint)
+        return asyncio.run(_plan(settings, options, checkpoint))
     finally:
         checkpoint.close()
 
 
-def _plan(settings: JobSettings, options: RunOptions, checkpoint: Checkpoint) -> Plan:
+async def _plan(settings: JobSettings, options: RunOptions, checkpoint: Checkpoint) -> Plan:
     run_id = checkpoint.begin_run()
     checkpoint.recover()
-    outputs = LocalOutputStore(settings.output_dir)
-    outputs.check_claim(settings.name, settings.output_shared)
-    roots, summary = prepare_items(settings, options, checkpoint, outputs, StopSignals(), quiet=True)
-    refused = checkpoint.failed_by_run(run_id)
-    earlier = {code: n - refused.get(code, 0) for code, n in checkpoint.reasons(ItemState.FAILED).items()}
-    counts = checkpoint.counts()
-    pending = list(_pending(checkpoint))
-    if options.limit is not None:
-        pending = pending[: options.limit]
-    duplicates = count_duplicates(pending, checkpoint, dict(roots), outputs, request_fingerprint(settings))
+    async with open_storage(settings, AioSession(profile=settings.profile)) as storage:
+        await storage.outputs.check_claim(settings.name, settings.output_shared)
+        summary = await prepare_items(settings, options, checkpoint, storage, StopSignals(), quiet=True)
+        refused = checkpoint.failed_by_run(run_id)
+        earlier = {code: n - refused.get(code, 0) for code, n in checkpoint.reasons(ItemState.FAILED).items()}
+        counts = checkpoint.counts()
+        pending = list(_pending(checkpoint))
+        if options.limit is not None:
+            pending = pending[: options.limit]
+        duplicates = await count_duplicates(pending, checkpoint, storage, request_fingerprint(settings))
     requests = len(pending) - duplicates
     rpm = settings.limits.requests_per_minute
     return Plan(
         job=settings.name, model_id=settings.model_id, files_found=summary.discovered, new=summary.new,
-        changed=summary.changed, unchanged=summary.unchanged, already_done=counts[ItemState.SUCCEEDED],
-        to_process=len(pending), deduplicated=duplicates, requests=requests,
-        skipped_by_reason=checkpoint.reasons(ItemState.SKIPPED), refused_by_reason=refused,
+        changed=summary.changed, unchanged=summary.unchanged, proven_done=summary.proven,
+        already_done=counts[ItemState.SUCCEEDED], to_process=len(pending), deduplicated=duplicates,
+        requests=requests, skipped_by_reason=checkpoint.reasons(ItemState.SKIPPED), refused_by_reason=refused,
         failed_by_reason={code: n for code, n in earlier.items() if n},
         price_per_image_usd=settings.model.price_usd, estimated_cost_usd=round(requests * settings.model.price_usd, 2),
         requests_per_minute=rpm, estimated_minutes=round(requests / rpm, 3) if rpm else None,
@@ -96,8 +99,8 @@ def _pending(checkpoint: Checkpoint) -> list[WorkItem]:
     return items
 
 
-def count_duplicates(pending: list[WorkItem], checkpoint: Checkpoint, roots: dict[str, Any],
-                     outputs: LocalOutputStore, params_hash: str) -> int:
+async def count_duplicates(pending: list[WorkItem], checkpoint: Checkpoint, storage: Storage,
+                           params_hash: str) -> int:
     """Pending items whose content equals an earlier pending item's, or a succeeded one's whose
     output is still provably there (as the run's de-duplication requires before it copies)."""
     done = checkpoint.succeeded_hashes_by_size()
@@ -107,16 +110,24 @@ def count_duplicates(pending: list[WorkItem], checkpoint: Checkpoint, roots: dic
     for item in pending:
         if sizes[item.size] < 2 and item.size not in done:
             continue  # a unique size cannot have an identical twin: no need to read it
-        try:
-            digest = file_sha256(roots[item.source].path_of(item.fs_relpath))
-        except OSError:
+        # An S3 object's single-part ETag is its MD5: equal ETags and sizes are equal bytes without a GET
+        # (a multipart ETag is not a content hash: such twins are counted as requests, an overestimate).
+        digest = f"etag:{item.etag}" if item.etag and "-" not in item.etag and item.size not in done \
+            else await storage.sources.sha256(item)
+        if digest is None:
             continue
-        if digest in seen or (digest in done.get(item.size, set()) and any(
-                outputs.verify(c.output_path, c.output_bytes, c.output_digest)
-                for c in checkpoint.succeeded_copies(digest, params_hash, item.key))):
+        if digest in seen or (digest in done.get(item.size, set()) and await _provable_copy(
+                checkpoint, storage, digest, params_hash, item.key)):
             duplicates += 1
         seen.add(digest)
     return duplicates
+
+
+async def _provable_copy(checkpoint: Checkpoint, storage: Storage, digest: str, params_hash: str, key: str) -> bool:
+    for copy in checkpoint.succeeded_copies(digest, params_hash, key):
+        if await storage.outputs.read_verified(copy.output_path, copy.output_bytes, copy.output_digest) is not None:
+            return True
+    return False
 
 
 def render_plan(plan: Plan) -> str:
@@ -124,7 +135,8 @@ def render_plan(plan: Plan) -> str:
     lines = [
         f"plan for job {plan.job} ({plan.model_id}) — nothing is sent, nothing is changed",
         f"  files found       {plan.files_found} ({plan.new} new, {plan.changed} changed, {plan.unchanged} unchanged)",
-        f"  already done      {plan.already_done}",
+        f"  already done      {plan.already_done}"
+        + (f" ({plan.proven_done} proven by their outputs' own records)" if plan.proven_done else ""),
         f"  to process        {plan.to_process}",
         f"  requests          {plan.requests} ({plan.deduplicated} duplicates will be copied, not sent)",
     ]

@@ -22,23 +22,25 @@ import datetime as dt
 import itertools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from batch_upscaler import __version__
 from batch_upscaler.budget import Budget
 from batch_upscaler.checkpoint import Checkpoint, ItemState, WorkItem
 from batch_upscaler.clock import Clock, sleep_unless
-from batch_upscaler.discovery import SourceRoot, printable
+from batch_upscaler.discovery import printable
 from batch_upscaler.errors import FatalBackendError, OutputUnavailable, StateUnavailable
 from batch_upscaler.finishing import Finished, finish, image_size
 from batch_upscaler.imagecheck import StructureError, check_encoded
 from batch_upscaler.outage import Admission, Breaker
-from batch_upscaler.outputs import OutputPathError, OutputStore
 from batch_upscaler.payload import Payload, PayloadError, build_payload
 from batch_upscaler.ratelimit import RateLimiter
 from batch_upscaler.retry import Action, AttemptError, Backoff, decide, is_service_state, possibly_billed
 from batch_upscaler.settings import JobSettings, request_fingerprint
+from batch_upscaler.storage.base import OutputNote, OutputPathError, OutputStore, SourceError
+from batch_upscaler.storage.edge import Sources
 from batch_upscaler.unsent import UnsentNote, UnsentOutputs
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ class PoolStats:
 
 class WorkerPool:
     def __init__(self, *, settings: JobSettings, checkpoint: Checkpoint, invoker: Invoker,
-                 outputs: OutputStore, sources: Mapping[str, SourceRoot], limiter: RateLimiter,
+                 outputs: OutputStore, sources: Sources, limiter: RateLimiter,
                  clock: Clock, rng: random.Random, stop: asyncio.Event,
                  on_done: Callable[[ItemState], None] = lambda state: None, limit: int | None = None,
                  budget: Budget | None = None, request_stop: Callable[[str], None] | None = None,
@@ -165,11 +167,12 @@ class WorkerPool:
 
     async def _run_item(self, item: WorkItem) -> ItemState | None:
         """Drive one item to succeeded/failed; None means it was released unfinished."""
-        path = self.sources[item.source].path_of(item.fs_relpath)
         try:
-            payload = await self.offload(build_payload, path, item.size, self.settings)
-        except PayloadError as exc:
+            data = await self.sources.read(item)
+            payload = await self.offload(build_payload, data, self.settings)
+        except (SourceError, PayloadError) as exc:
             return self._fail(item, exc.code, str(exc))
+        del data  # the request body holds what is needed: the source's bytes can go
         self.checkpoint.record_content_hash(item.key, payload.content_sha256)
         digest = payload.content_sha256
         while (leader := self._in_flight.get(digest)) is not None:
@@ -197,8 +200,8 @@ class WorkerPool:
         path that a later run rewrote is never handed out as another image's upscale.
         """
         for candidate in self.checkpoint.succeeded_copies(digest, self.params_hash, item.key):
-            data = await self.offload(self.outputs.read_verified, candidate.output_path,
-                                           candidate.output_bytes, candidate.output_digest)
+            data = await self.outputs.read_verified(candidate.output_path, candidate.output_bytes,
+                                                    candidate.output_digest)
             if data is None:
                 continue  # changed, gone, or not provable: upscale again rather than copy a stranger
             state = await self._write(item, Finished((data,), image_size(data)), payload, dedup_of=candidate.key)
@@ -322,23 +325,30 @@ class WorkerPool:
 
     async def _write(self, item: WorkItem, output: Finished, payload: Payload,
                      dedup_of: str | None = None) -> ItemState | None:
-        mtime = item.mtime_ns if self.settings.metadata.mtime else None
+        mtime = item.mtime_ns if self.settings.metadata.mtime and item.mtime_ns else None
+        note = OutputNote(item.key, item.etag, payload.content_sha256, self.params_hash, "", output.size,
+                          payload.sent.size, __version__)
         try:
-            written = await self.offload(self.outputs.write_atomic, item.output_path, output.parts, mtime)
+            written = await self.outputs.write(item.output_path, output.parts, mtime, note)
         except OutputUnavailable as exc:
             self.request_stop(str(exc))
-            if dedup_of is None:  # a paid image: keep it for the next run instead of paying again
-                note = UnsentNote(item.key, self.params_hash, item.size, item.mtime_ns, payload.content_sha256,
-                                  output.size, payload.sent.size, mtime)
-                if await self.offload(self.unsent.keep, note, output.parts):
-                    self.checkpoint.record_answer(item.key)  # answered and kept: not "possibly billed"
+            note_of_kept = self._unsent_note(item, payload, output, mtime)
+            # A paid image is kept for the next run instead of paid again (answered and kept: not "possibly billed").
+            if dedup_of is None and await self.offload(self.unsent.keep, note_of_kept, output.parts):
+                self.checkpoint.record_answer(item.key)
             return None
         except (OSError, OutputPathError) as exc:
+            if dedup_of is None:  # paid for: kept, and written (uploaded) by the next run before anything is sent
+                await self.offload(self.unsent.keep, self._unsent_note(item, payload, output, mtime), output.parts)
             return self._fail(item, "output_write_failed", f"output_write_failed: {item.output_path}: {exc}")
         self.checkpoint.succeed(item.key, written.size, output.size, payload.sent.size, dedup_of, written.digest)
         log.debug("succeeded %s", printable(self.name_of(item)),
                   extra={"event": "item_succeeded", "file": printable(self.name_of(item))})
         return ItemState.SUCCEEDED
+
+    def _unsent_note(self, item: WorkItem, payload: Payload, output: Finished, mtime: int | None) -> UnsentNote:
+        return UnsentNote(item.key, self.params_hash, item.size, item.mtime_ns, payload.content_sha256, output.size,
+                          payload.sent.size, mtime, item.etag)
 
     def _fail(self, item: WorkItem, code: str, message: str) -> ItemState:
         self.checkpoint.fail(item.key, code, message)

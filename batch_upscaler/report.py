@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState
-from batch_upscaler.discovery import display_path, parse_source, printable
+from batch_upscaler.discovery import printable
 from batch_upscaler.htmlreport import render_html
-from batch_upscaler.outputs import new_file_mode
 from batch_upscaler.settings import JobSettings
+from batch_upscaler.storage.local import new_file_mode
+from batch_upscaler.storage.names import Names
 
 log = logging.getLogger(__name__)
 CSV_COLUMNS = ("source", "output", "status", "input_width", "input_height", "sent_width", "sent_height",
@@ -72,13 +73,16 @@ class ReportWriter:
     def __init__(self, settings: JobSettings, checkpoint: Checkpoint) -> None:
         self.settings = settings
         self.checkpoint = checkpoint
-        self._roots = {spec: parse_source(spec, settings.base_dir) for spec in settings.sources}
+        self.names = Names(settings)
 
-    def write(self) -> Path:
-        """Write every report file into the report directory; returns that directory."""
+    def write(self, directory: Path | None = None) -> Path:
+        """Write every report file into ``directory`` (default: the local report_dir); returns it.
+        An S3 report_dir is written to a local folder first, then published (storage.Reports)."""
         summary = self._summarise()
         header = self._header(summary)
-        directory = self.settings.report_dir
+        if directory is None:
+            assert isinstance(self.settings.report_dir, Path), "an S3 report_dir is written via storage.Reports"
+            directory = self.settings.report_dir
         directory.mkdir(parents=True, exist_ok=True)
         with (_atomic(directory / "report.json") as js, _atomic(directory / "items.csv") as cs,
               _atomic(directory / "failed.txt") as failed):
@@ -167,7 +171,7 @@ class ReportWriter:
         succeeded = row["state"] == ItemState.SUCCEEDED
         return {
             "source": self._source_display(row),
-            "output": str(self.settings.output_dir / row["output_path"]) if succeeded else None,
+            "output": self.names.output_location(row["output_path"]) if succeeded else None,
             "status": row["state"],
             "input_size": [row["width"], row["height"]] if row["width"] else None,
             "sent_size": [row["sent_width"], row["sent_height"]] if row["sent_width"] else None,
@@ -181,7 +185,7 @@ class ReportWriter:
         }
 
     def _source_display(self, row: dict[str, Any]) -> str:
-        return display_path(self._roots, row["source"], row["relpath"], self.settings.base_dir)
+        return self.names.item(row["source"], row["relpath"], row["key"])
 
 
 def _scale_factor(row: dict[str, Any]) -> float | None:
@@ -278,3 +282,20 @@ def _atomic(path: Path) -> Iterator[IO[str]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish_report(settings: JobSettings, checkpoint: Checkpoint) -> str:
+    """``batch-upscaler report``: the report rewritten from the checkpoint and published where
+    report_dir says (a local folder, or an S3 prefix); returns where it is."""
+    import asyncio
+
+    from aiobotocore.session import AioSession
+
+    from batch_upscaler.storage.edge import open_storage
+
+    async def write_and_publish() -> str:
+        async with open_storage(settings, AioSession(profile=settings.profile)) as storage:
+            ReportWriter(settings, checkpoint).write(storage.reports.local_dir)
+            return await storage.reports.publish()
+
+    return asyncio.run(write_and_publish())

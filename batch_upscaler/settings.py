@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from batch_upscaler.catalogue import ModelSpec
+from batch_upscaler.storage.urls import Location
 
 
 class Backend(StrEnum):
@@ -143,6 +144,16 @@ class AwsSources:
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """How S3 sources, outputs and reports are reached (everything optional: the AWS chain decides)."""
+
+    region: str | None = None  # None: each bucket's own region, then the AWS chain
+    endpoint_url: str | None = None  # any S3-compatible endpoint; None lets botocore read AWS_ENDPOINT_URL_S3
+    profile: str | None = None
+    checksums: str = "when_supported"  # botocore's flexible checksums; when_required for stores that reject them
+
+
+@dataclass(frozen=True)
 class JobSettings:
     """Everything a job is, with paths resolved and defaults applied."""
 
@@ -151,7 +162,7 @@ class JobSettings:
     base_dir: Path  # relative manifest paths are relative to this
     sources: tuple[str, ...]
     exclude: tuple[str, ...]
-    output_dir: Path
+    output_dir: Location  # a local folder or an S3 prefix
     output_format: OutputFormat
     model: ModelSpec
     model_id: str  # the inference-profile id actually invoked
@@ -162,8 +173,9 @@ class JobSettings:
     profile: str | None  # configured (bedrock.profile); None lets botocore choose (AWS_PROFILE, default)
     limits: Limits
     state_dir: Path
-    report_dir: Path
+    report_dir: Location
     emulator: EmulatorSettings = field(default_factory=EmulatorSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
     naming: str = "{relpath}"
     name_compare: NameCompare = NameCompare.CASEFOLD
     output_shared: bool = False  # output.shared: other jobs may write into output_dir (disjoint names)

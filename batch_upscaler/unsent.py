@@ -4,8 +4,10 @@ When the output storage refuses writes (disk full, read-only, over quota) after 
 returned an image, that image is paid for. Failing the item would make ``--retry-failed`` pay
 again, so instead the finished output bytes are kept in ``<state_dir>/unsent-outputs/`` with a
 small JSON note naming the item and the source and parameters they were made from; the item
-stays pending and the run stops (exit 75). The next run writes every kept image whose item is
-still pending with the same source and parameters before it sends anything.
+stays pending and the run stops (exit 75). An upload that still fails after its retries (S3)
+keeps the image the same way, the item failed ``output_write_failed``. The next run writes every
+kept image whose item still waits for it, with the same source and parameters, before it sends
+anything.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from batch_upscaler import __version__
 from batch_upscaler.checkpoint import Checkpoint, ItemState
-from batch_upscaler.outputs import FileParts, OutputStore
+from batch_upscaler.storage.base import FileParts, OutputNote, OutputStore
 
 log = logging.getLogger(__name__)
 UNSENT_DIR = "unsent-outputs"
@@ -39,6 +42,7 @@ class UnsentNote:
     output_size: tuple[int, int] | None
     sent_size: tuple[int, int] | None
     output_mtime_ns: int | None  # the mtime the output file gets
+    etag: str | None = None  # S3 sources: the ETag the image was made from
 
 
 class UnsentOutputs:
@@ -75,7 +79,7 @@ class UnsentOutputs:
             self.directory.rmdir()
 
 
-def deliver(unsent: UnsentOutputs, checkpoint: Checkpoint, outputs: OutputStore) -> int:
+async def deliver(unsent: UnsentOutputs, checkpoint: Checkpoint, outputs: OutputStore, params_hash: str) -> int:
     """Write every kept image whose item still waits for it; returns how many were delivered.
 
     Runs before anything is sent. A full output storage raises OutputUnavailable again (exit 75,
@@ -84,12 +88,23 @@ def deliver(unsent: UnsentOutputs, checkpoint: Checkpoint, outputs: OutputStore)
     delivered = 0
     for note, image in unsent.notes():
         known = checkpoint.lookup(note.key)
-        if (known is None or known.state is not ItemState.PENDING or known.output_path is None
+        waiting = known is not None and (known.state is ItemState.PENDING or (
+            known.state is ItemState.FAILED and known.error_code == "output_write_failed"))
+        if (known is None or not waiting or known.output_path is None
                 or (known.params_hash, known.size, known.mtime_ns) != (note.params_hash, note.size, note.mtime_ns)):
             log.info("dropping a kept output of %s: its item changed since", note.key)
             unsent.discard(image)
             continue
-        written = outputs.write_atomic(known.output_path, (image.read_bytes(),), note.output_mtime_ns)
+        data = image.read_bytes()
+        record = OutputNote(note.key, note.etag, note.content_sha256, params_hash, "", note.output_size,
+                            note.sent_size, __version__)
+        try:
+            written = await outputs.write(known.output_path, (data,), note.output_mtime_ns, record)
+        except OSError as exc:  # still not writable there (a full disk raises OutputUnavailable: a stop)
+            log.warning("a kept output of %s still cannot be written: %s (kept for the next run)", note.key, exc)
+            continue
+        if known.state is ItemState.FAILED:
+            checkpoint.retry_keys([note.key])
         checkpoint.start(note.key)
         checkpoint.record_content_hash(note.key, note.content_sha256)
         checkpoint.succeed(note.key, written.size, note.output_size, note.sent_size, output_digest=written.digest)

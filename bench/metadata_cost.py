@@ -27,7 +27,7 @@ from PIL.ExifTags import IFD
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from a checkout
 
 from batch_upscaler.metadata import Injected, SourceMetadata, inject_with_report, prepare_exif, read_metadata
-from batch_upscaler.outputs import LocalOutputStore
+from batch_upscaler.storage.local import LocalOutputStore
 
 SOURCE_SIZE, OUTPUT_SIZE = (778, 778), (3112, 3112)
 FORMATS: dict[str, dict[str, object]] = {"PNG": {}, "JPEG": {"quality": 92}, "WEBP": {"quality": 90}}

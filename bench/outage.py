@@ -35,7 +35,8 @@ def scenario(base: Path, storm_s: float, outage_wait: str, images: int) -> dict[
         manifest = base / "job.yaml"
         manifest.write_text(yaml.safe_dump(manifest_doc(
             backend="bedrock", bedrock={"endpoint_url": emulator.endpoint_url},
-            limits={"concurrency": 4, "requests_per_minute": 600, "outage_wait": outage_wait})))
+            limits={"concurrency": 4, "requests_per_minute": 600, "outage_wait": outage_wait,
+                    "backoff_base_s": 2, "backoff_max_s": 60})))  # the production back-off and probe intervals
         started = time.monotonic()
         run = subprocess.run([sys.executable, "-m", "batch_upscaler", "run", str(manifest)], env=cli_env(),
                              capture_output=True, text=True, timeout=3600)

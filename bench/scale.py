@@ -12,18 +12,18 @@ Inputs are 64x64 PNGs (the Conservative minimum, so every file is a valid pendin
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import sqlite3
 import time
 from pathlib import Path
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState
-from batch_upscaler.discovery import Discovery
+from batch_upscaler.discovery import Discovery, parse_source
 from batch_upscaler.manifest import load_settings
-from batch_upscaler.outputs import LocalOutputStore
-from batch_upscaler.runner import resolve_sources
-from batch_upscaler.scan import Scanner
+from batch_upscaler.scan import Scanner, ScanSummary
 from batch_upscaler.settings import JobSettings
+from batch_upscaler.storage.edge import open_storage
 from bench import job
 from bench.accounting import summarize
 from bench.corpus import tiny_tree
@@ -123,7 +123,7 @@ def measure_scan(manifest: Path) -> Row:
     checkpoint = Checkpoint.open(settings.checkpoint_path, settings.name)
     try:
         started = time.perf_counter()
-        summary = Scanner(settings, checkpoint, LocalOutputStore(settings.output_dir)).run(_discovery(settings))
+        summary = asyncio.run(_scan(settings, checkpoint))
         scan_s = time.perf_counter() - started
         pending = checkpoint.counts()[ItemState.PENDING]
     finally:
@@ -133,10 +133,16 @@ def measure_scan(manifest: Path) -> Row:
             "knows_s": scan_s, "elapsed_s": scan_s, "requests": 0, "peak_rss_mb": peak_rss_mb()}
 
 
+async def _scan(settings: JobSettings, checkpoint: Checkpoint) -> ScanSummary:
+    async with open_storage(settings) as storage:
+        return await Scanner(settings, checkpoint, storage).run()
+
+
 def _discovery(settings: JobSettings) -> Discovery:
     """A fresh walk (a Discovery remembers what it yielded, so each pass needs its own)."""
-    return Discovery(resolve_sources(settings).values(), settings.exclude,
-                     prune=(settings.output_dir, settings.state_dir), base_dir=settings.base_dir)
+    prune = [p for p in (settings.output_dir, settings.state_dir) if isinstance(p, Path)]
+    return Discovery([parse_source(s, settings.base_dir) for s in settings.sources], settings.exclude,
+                     prune=prune, base_dir=settings.base_dir)
 
 
 def measure_resume(manifest: Path) -> Row:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batch_upscaler.emulator import EmulatorThread
-from batch_upscaler.outputs import OWNER_FILE
+from batch_upscaler.storage.local import OWNER_FILE
 from tests.conftest import cli_env, write_image
 
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from batch_upscaler.emulator import EmulatorThread, RequestRecord
-from batch_upscaler.outputs import OWNER_FILE
+from batch_upscaler.storage.local import OWNER_FILE
 from tests.conftest import cli_env, run_cli, write_image
 
 EmulatorFactory = Callable[..., EmulatorThread]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from batch_upscaler.errors import OutputUnavailable, UsageError
-from batch_upscaler.outputs import STAGING_DIR, LocalOutputStore, OutputPathError, digest_parts, new_file_mode
+from batch_upscaler.storage.base import OutputPathError
+from batch_upscaler.storage.local import STAGING_DIR, LocalOutputStore, digest_parts, new_file_mode
 
 
 def staged_files(root: Path) -> list[Path]:
@@ -30,7 +31,7 @@ def test_parts_are_written_in_order_with_size_mode_and_mtime(tmp_path: Path) -> 
     assert target.read_bytes() == b"head" + payload[10:] + b"tail"
     assert written.size == target.stat().st_size == 8 + len(payload) - 10
     assert written.digest == digest_parts((target.read_bytes(),))
-    assert store.verify("a/b/out.png", written.size, written.digest)
+    assert store.verify_file("a/b/out.png", written.size, written.digest)
     assert target.stat().st_mtime_ns == 1_600_000_000_123_456_789
     assert target.stat().st_mode & 0o777 == new_file_mode()
     assert staged_files(tmp_path) == []
@@ -54,9 +55,9 @@ def test_an_edited_output_is_not_verified_but_still_exists(tmp_path: Path) -> No
     store = LocalOutputStore(tmp_path)
     written = store.write_atomic("a.png", (b"paid result",))
     (tmp_path / "a.png").write_bytes(b"paid result, edited")
-    assert store.exists("a.png") and not store.verify("a.png", written.size, written.digest)
-    assert store.read_verified("a.png", None, written.digest) is None
-    assert store.read_verified("a.png", None, None) is None  # nothing recorded: not provable
+    assert store.exists("a.png") and not store.verify_file("a.png", written.size, written.digest)
+    assert store.read_verified_file("a.png", None, written.digest) is None
+    assert store.read_verified_file("a.png", None, None) is None  # nothing recorded: not provable
 
 
 def test_staging_is_per_run_and_a_live_runs_files_are_never_removed(tmp_path: Path) -> None:
@@ -64,7 +65,7 @@ def test_staging_is_per_run_and_a_live_runs_files_are_never_removed(tmp_path: Pa
     live = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from batch_upscaler.outputs import LocalOutputStore\n"
+        "from batch_upscaler.storage.local import LocalOutputStore\n"
         f"s = LocalOutputStore(Path({str(tmp_path)!r}))\n"
         "(s.staging() / 'half.part').write_bytes(b'x')\n"
         "print('ready', flush=True)\n"
@@ -77,12 +78,12 @@ def test_staging_is_per_run_and_a_live_runs_files_are_never_removed(tmp_path: Pa
         (dead / ".lock").write_text("")
         (dead / "left.part").write_bytes(b"y")  # a run that died: nobody holds its lock
 
-        assert LocalOutputStore(tmp_path).clean_stale_staging() == 1
+        assert LocalOutputStore(tmp_path).clean_stale() == 1
         assert not dead.exists()
         assert [p.name for p in staged_files(tmp_path)] == ["half.part"]  # the live run's file stays
     finally:
         live.communicate("")
-    assert LocalOutputStore(tmp_path).clean_stale_staging() == 1  # its owner ended without cleaning up
+    assert LocalOutputStore(tmp_path).clean_stale() == 1  # its owner ended without cleaning up
     assert not (tmp_path / STAGING_DIR).exists()
 
 
@@ -110,30 +111,30 @@ def test_paths_that_cannot_be_written_are_refused_before_paying(tmp_path: Path) 
 
 def test_a_second_job_is_refused_an_output_root_unless_both_share(tmp_path: Path) -> None:
     store = LocalOutputStore(tmp_path / "out")
-    store.claim("nightly", shared=False)
-    store.claim("nightly", shared=False)  # the same job again: fine
+    store.claim_root("nightly", shared=False)
+    store.claim_root("nightly", shared=False)  # the same job again: fine
     with pytest.raises(UsageError, match="belongs to job 'nightly'"):
-        store.claim("catalogue", shared=False)
+        store.claim_root("catalogue", shared=False)
     with pytest.raises(UsageError, match="belongs to job 'nightly'"):
-        store.check_claim("catalogue", shared=True)  # 'nightly' did not opt in to sharing
-    store.claim("nightly", shared=True)
-    store.claim("catalogue", shared=True)
-    store.check_claim("catalogue", shared=True)
+        store.check_root_claim("catalogue", shared=True)  # 'nightly' did not opt in to sharing
+    store.claim_root("nightly", shared=True)
+    store.claim_root("catalogue", shared=True)
+    store.check_root_claim("catalogue", shared=True)
 
 
 def test_probe_writable_tells_full_from_forbidden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = LocalOutputStore(tmp_path / "out")
-    store.probe_writable()
+    store.probe_root()
     assert list((tmp_path / "out").iterdir()) == []  # the probe file is gone again
 
     def full(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "write", full)
     with pytest.raises(OutputUnavailable, match="No space left on device"):
-        store.probe_writable()
+        store.probe_root()
 
     def forbidden(fd: int, data: bytes) -> int:
         raise OSError(errno.EACCES, "Permission denied")
     monkeypatch.setattr(os, "write", forbidden)
     with pytest.raises(UsageError, match="Permission denied"):
-        store.probe_writable()
+        store.probe_root()

@@ -12,15 +12,15 @@ from typing import Any
 import pytest
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState
-from batch_upscaler.discovery import Discovery, parse_source
 from batch_upscaler.errors import FatalBackendError
 from batch_upscaler.manifest import load_settings
-from batch_upscaler.outputs import LocalOutputStore
 from batch_upscaler.pool import WorkerPool
 from batch_upscaler.ratelimit import make_limiter
 from batch_upscaler.retry import AttemptError, is_service_state
 from batch_upscaler.scan import Scanner
 from batch_upscaler.settings import JobSettings
+from batch_upscaler.storage.edge import Sources, open_storage
+from batch_upscaler.storage.local import LocalOutputStore
 from tests.conftest import FakeClock, image_bytes, write_image
 
 Script = Callable[[int], bytes | AttemptError]  # call number -> result
@@ -71,9 +71,13 @@ def setup(tmp_path: Path, write_manifest: Callable[..., Path], n: int,
         write_image(tmp_path / "photos" / f"{i:03d}.png", 80, 80, color=(i, 1, 2))
     settings = load_settings(write_manifest(limits={"concurrency": 3, "requests_per_minute": 60, **limits}))
     checkpoint = Checkpoint.open(settings.checkpoint_path, settings.name)
-    roots = [parse_source(s, settings.base_dir) for s in settings.sources]
-    Scanner(settings, checkpoint, LocalOutputStore(settings.output_dir)).run(Discovery(roots))
+    asyncio.run(_scan(settings, checkpoint))
     return settings, checkpoint
+
+
+async def _scan(settings: JobSettings, checkpoint: Checkpoint) -> None:
+    async with open_storage(settings) as storage:
+        await Scanner(settings, checkpoint, storage).run()
 
 
 def run_pool(settings: JobSettings, checkpoint: Checkpoint, invoker: FakeInvoker, clock: FakeClock,
@@ -81,7 +85,6 @@ def run_pool(settings: JobSettings, checkpoint: Checkpoint, invoker: FakeInvoker
              request_stop: Callable[[str], None] | None = None) -> WorkerPool:
     async def go() -> WorkerPool:
         event = asyncio.Event()
-        roots = {s: parse_source(s, settings.base_dir) for s in settings.sources}
         limiter = make_limiter(settings.limits.requests_per_minute, clock)
         done: list[ItemState] = []
 
@@ -91,7 +94,8 @@ def run_pool(settings: JobSettings, checkpoint: Checkpoint, invoker: FakeInvoker
                 stop(event)
 
         pool = WorkerPool(settings=settings, checkpoint=checkpoint, invoker=invoker,
-                          outputs=LocalOutputStore(settings.output_dir), sources=roots, limiter=limiter,
+                          outputs=LocalOutputStore(settings.output_dir), sources=Sources(settings, None),
+                          limiter=limiter,
                           clock=clock, rng=random.Random(0), stop=event, on_done=on_done, limit=limit,
                           offload=inline)
         if request_stop is not None:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from batch_upscaler.outputs import OWNER_FILE
+from batch_upscaler.storage.local import OWNER_FILE
 from bench.emulator_process import EmulatorProcess
 from tests.conftest import cli_env, manifest_doc, run_cli, write_image
 

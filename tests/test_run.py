@@ -20,9 +20,9 @@ from batch_upscaler.bedrock import BedrockInvoker, ClientSettings, open_client
 from batch_upscaler.cli import main
 from batch_upscaler.emulator import EmulatorThread, FaultKind
 from batch_upscaler.joblock import JobLock
-from batch_upscaler.outputs import OWNER_FILE
 from batch_upscaler.payload import build_body
 from batch_upscaler.retry import Action, AttemptError, Backoff, decide
+from batch_upscaler.storage.local import OWNER_FILE
 from tests.conftest import REPO, image_bytes, write_image
 
 EmulatorFactory = Callable[..., EmulatorThread]
@@ -179,14 +179,14 @@ def test_unchanged_rerun_reads_no_bytes_and_changes_are_redone(
     emulator = emulator_factory()
     manifest = bedrock_manifest(write_manifest, emulator)
     assert main(["run", str(manifest)]) == 0
-    import batch_upscaler.scan as scan
+    import batch_upscaler.storage.local as local_storage
 
     def forbidden(*args: object) -> None:
         raise AssertionError("an unchanged file was read")
 
     with monkeypatch.context() as m:
-        m.setattr(scan, "read_header", forbidden)
-        m.setattr(scan, "file_sha256", forbidden)
+        m.setattr(local_storage, "read_header", forbidden)
+        m.setattr(local_storage, "file_sha256", forbidden)
         assert main(["run", str(manifest)]) == 0
     assert len(emulator.records()) == 4
 

@@ -24,8 +24,8 @@ from PIL import Image
 
 from batch_upscaler.cli import main
 from batch_upscaler.emulator import EmulatorThread, FaultKind
+from batch_upscaler.ending import stop_line
 from batch_upscaler.progress import human_duration
-from batch_upscaler.runner import stop_line
 from bench.emulator_process import EmulatorProcess
 from tests.conftest import cli_env, run_cli, write_image
 

@@ -1,7 +1,7 @@
-"""Where outputs go: path checks inside the output root, the root's owner, and atomic, durable writes.
+"""Local folders at the storage edge: the output store for a local ``output.dir`` and the source reader
+for local files.
 
-This is the file-access edge for outputs (a future S3 store implements the same
-:class:`OutputStore` protocol). Writes go to a staging directory inside the output root (same
+Outputs: writes go to a staging directory inside the output root (same
 filesystem, so the final ``os.replace`` is atomic), are fsynced, then renamed into place: a
 reader, or a run resumed after ``kill -9``, sees either no file or the whole file.
 
@@ -18,9 +18,11 @@ filesystem's limit.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -29,14 +31,28 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
-from typing import NoReturn, Protocol
+from typing import NoReturn
 
 import xxhash
 
+from batch_upscaler.catalogue import Rejection
+from batch_upscaler.discovery import SourceRoot
 from batch_upscaler.errors import OutputUnavailable, UsageError
+from batch_upscaler.imagecheck import StructureError, check_file
+from batch_upscaler.probe import SENDABLE_AS_IS, Disposition, ProbeError, Refusal, read_header
+from batch_upscaler.storage.base import (
+    FileParts,
+    ItemRef,
+    OutputNote,
+    OutputPathError,
+    Probed,
+    Proof,
+    SourceError,
+    Written,
+    owner_problem,
+)
 
 STAGING_DIR = ".batch-upscaler-tmp"
 OWNER_FILE = ".batch-upscaler-job.json"
@@ -54,11 +70,6 @@ def new_file_mode() -> int:
     return 0o666 & ~_UMASK
 
 
-# An output file as consecutive parts (the returned image's bytes around spliced metadata chunks),
-# written one after another so the file is never first assembled into a second ~10 MB buffer.
-FileParts = Sequence[bytes | memoryview]
-
-
 def digest_parts(parts: FileParts) -> str:
     """The digest recorded for an output: proof that a file on disk is still what was written.
 
@@ -71,34 +82,19 @@ def digest_parts(parts: FileParts) -> str:
     return hasher.hexdigest()
 
 
-@dataclass(frozen=True)
-class Written:
-    size: int
-    digest: str
-
-
-class OutputPathError(ValueError):
-    """A rendered output path that cannot be used (it would leave the root, or cannot be created)."""
-
-
-class OutputStore(Protocol):
-    def check_path(self, relpath: str) -> None: ...
-    def exists(self, relpath: str) -> bool: ...
-    def read(self, relpath: str) -> bytes: ...
-    def verify(self, relpath: str, size: int | None, digest: str | None) -> bool: ...
-    def read_verified(self, relpath: str, size: int | None, digest: str | None) -> bytes | None: ...
-    def write_atomic(self, relpath: str, parts: FileParts, mtime_ns: int | None = None) -> Written: ...
-
-
 def storage_refuses(exc: OSError) -> bool:
     return exc.errno in STORAGE_FULL_ERRNOS
 
 
 class LocalOutputStore:
-    """Outputs in a local directory tree."""
+    """Outputs in a local directory tree. The work is synchronous file I/O; the async methods of
+    the storage contract run it in a worker thread so the event loop keeps serving requests."""
 
-    def __init__(self, root: Path) -> None:
+    carries_proof = False  # the checkpoint is the record of local outputs
+
+    def __init__(self, root: Path, display_base: Path | None = None) -> None:
         self.root = root
+        self.display_base = display_base  # outputs are named to people relative to this (the manifest's folder)
         self._staging: Path | None = None
         self._staging_lock: int | None = None
         self._creating = threading.Lock()  # writes run in worker threads: one staging directory per run
@@ -152,14 +148,50 @@ class LocalOutputStore:
     def exists(self, relpath: str) -> bool:
         return (self.root / relpath).is_file()
 
+    def shown(self, relpath: str) -> str:
+        """The output's path as a person finds it: relative to the manifest's folder when below it."""
+        path = self.root / relpath
+        if self.display_base is not None and path.is_relative_to(self.display_base):
+            return path.relative_to(self.display_base).as_posix()
+        return str(path)
+
+    # ---- the storage contract (async) --------------------------------------------------------
+    async def prepare(self) -> None:
+        """Nothing to list ahead: a local existence check is one stat."""
+
+    async def proof(self, relpath: str) -> Proof | None:
+        """Local outputs carry no proof of work of their own: the checkpoint is the record."""
+        return None
+
+    async def read_verified(self, relpath: str, size: int | None, digest: str | None) -> bytes | None:
+        return await asyncio.to_thread(self.read_verified_file, relpath, size, digest)
+
+    async def write(self, relpath: str, parts: FileParts, mtime_ns: int | None, note: OutputNote) -> Written:
+        return await asyncio.to_thread(self.write_atomic, relpath, parts, mtime_ns)
+
+    async def claim(self, job: str, shared: bool) -> None:
+        self.claim_root(job, shared)
+
+    async def check_claim(self, job: str, shared: bool) -> None:
+        self.check_root_claim(job, shared)
+
+    async def probe_writable(self) -> None:
+        await asyncio.to_thread(self.probe_root)
+
+    async def clean_stale_staging(self) -> int:
+        return self.clean_stale()
+
+    async def close(self) -> None:
+        self.close_staging()
+
     def read(self, relpath: str) -> bytes:
         return self.path_of(relpath).read_bytes()
 
-    def verify(self, relpath: str, size: int | None, digest: str | None) -> bool:
+    def verify_file(self, relpath: str, size: int | None, digest: str | None) -> bool:
         """The file at ``relpath`` is still exactly what was recorded (size, then the digest)."""
-        return self.read_verified(relpath, size, digest) is not None
+        return self.read_verified_file(relpath, size, digest) is not None
 
-    def read_verified(self, relpath: str, size: int | None, digest: str | None) -> bytes | None:
+    def read_verified_file(self, relpath: str, size: int | None, digest: str | None) -> bytes | None:
         """The file's bytes if it is still exactly what was recorded, else None (changed, gone, or
         nothing was recorded to prove it: an older checkpoint)."""
         path = self.root / relpath
@@ -208,7 +240,7 @@ class LocalOutputStore:
         _fsync_dir(target.parent)  # the rename itself must survive power loss
         return Written(sum(len(part) for part in parts), digest_parts(parts))
 
-    def probe_writable(self) -> None:
+    def probe_root(self) -> None:
         """Before the first request: a real create + write + fsync + delete in the output root.
 
         A full or read-only disk stops the run now (exit 75) instead of after paying for images it
@@ -253,7 +285,7 @@ class LocalOutputStore:
         with contextlib.suppress(OSError):
             (self.root / STAGING_DIR).rmdir()  # only when empty: another run may be staging there
 
-    def clean_stale_staging(self) -> int:
+    def clean_stale(self) -> int:
         """Remove staging directories whose run is dead (their lock is free); returns how many."""
         base = self.root / STAGING_DIR
         removed = 0
@@ -271,7 +303,7 @@ class LocalOutputStore:
         return removed
 
     # ---- ownership of the root -----------------------------------------------------------------
-    def claim(self, job: str, shared: bool) -> None:
+    def claim_root(self, job: str, shared: bool) -> None:
         """Record ``job`` as a user of this output root; another job's root is refused (exit 2).
 
         Two jobs writing into one root overwrite each other's outputs unless both say
@@ -287,8 +319,8 @@ class LocalOutputStore:
         except OSError as exc:
             _raise_unwritable(self.root, exc)
 
-    def check_claim(self, job: str, shared: bool) -> None:
-        """What :meth:`claim` would refuse, without writing anything (``plan``)."""
+    def check_root_claim(self, job: str, shared: bool) -> None:
+        """What :meth:`claim_root` would refuse, without writing anything (``plan``)."""
         try:
             document = json.loads((self.root / OWNER_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -297,14 +329,9 @@ class LocalOutputStore:
         self._refuse_if_taken(jobs if isinstance(jobs, dict) else {}, job, shared)
 
     def _refuse_if_taken(self, jobs: dict[str, dict[str, bool]], job: str, shared: bool) -> None:
-        others = {name: info for name, info in jobs.items() if name != job}
-        unshared = sorted(name for name, info in others.items() if not info.get("shared"))
-        if others and (not shared or unshared):
-            holder = (unshared or sorted(others))[0]
-            raise UsageError(
-                f"output.dir {self.root} belongs to job {holder!r} ({self.root / OWNER_FILE}); give this job "
-                "its own output directory, or set output.shared: true in both manifests with naming that "
-                f"keeps their files apart. If job {holder!r} no longer exists, delete its entry in that file.")
+        problem = owner_problem(str(self.root), str(self.root / OWNER_FILE), jobs, job, shared)
+        if problem is not None:
+            raise UsageError(problem)
 
 
 def _raise_unwritable(root: Path, exc: OSError) -> NoReturn:
@@ -370,3 +397,51 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class LocalSourceReader:
+    """Reads local source files: the header and a bounded structure check for the scan, the whole
+    file for sending, the content hash for a touched file."""
+
+    def __init__(self, roots: Mapping[str, SourceRoot]) -> None:
+        self.roots = roots
+
+    def path_of(self, item: ItemRef) -> Path:
+        return self.roots[item.source].path_of(item.fs_relpath)
+
+    async def probe(self, item: ItemRef) -> Probed:
+        path = self.path_of(item)
+        try:
+            header = read_header(path)
+            if header.pil_format in SENDABLE_AS_IS:  # converted formats are checked by their decode
+                check_file(path, item.size)
+        except ProbeError as exc:
+            return Probed(None, exc.refusal)
+        except StructureError as exc:
+            return Probed(None, Refusal(Disposition.FAIL, Rejection("truncated", str(exc))))
+        except OSError as exc:
+            return Probed(None, Refusal(Disposition.FAIL, Rejection("unreadable", exc.strerror or str(exc))))
+        return Probed(header)
+
+    async def read(self, item: ItemRef) -> bytes:
+        try:
+            data = await asyncio.to_thread(self.path_of(item).read_bytes)
+        except OSError as exc:
+            raise SourceError("source_unreadable", f"{exc.strerror or exc}") from None
+        if len(data) != item.size:
+            raise SourceError("source_changed", "the file changed after it was scanned; the next run redoes it")
+        return data
+
+    async def sha256(self, item: ItemRef) -> str | None:
+        try:
+            return await asyncio.to_thread(file_sha256, self.path_of(item))
+        except OSError:
+            return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
