@@ -86,7 +86,9 @@ CREATE TABLE IF NOT EXISTS runs (
     rate_mode TEXT,
     final_rpm REAL,
     spent_usd REAL,
-    stop_reason TEXT
+    stop_reason TEXT,
+    s3_requests INTEGER,
+    s3_retries INTEGER
 );
 """
 # Created after the additive migration, since they may index columns an older checkpoint lacks.
@@ -644,12 +646,14 @@ class Checkpoint:
 
     def finish_run(self, run_id: int, exit_code: int, requests: int, throttles: int, *,
                    rate_mode: str | None = None, final_rpm: float | None = None, spent_usd: float = 0.0,
-                   stop_reason: str | None = None) -> None:
+                   stop_reason: str | None = None, s3_requests: int | None = None,
+                   s3_retries: int | None = None) -> None:
         with self._transaction() as conn:
             conn.execute("UPDATE runs SET finished_at = ?, exit_code = ?, requests = ?, throttles = ?, "
-                         "rate_mode = ?, final_rpm = ?, spent_usd = ?, stop_reason = ? WHERE id = ?",
+                         "rate_mode = ?, final_rpm = ?, spent_usd = ?, stop_reason = ?, s3_requests = ?, "
+                         "s3_retries = ? WHERE id = ?",
                          (self._now(), exit_code, requests, throttles, rate_mode, final_rpm, spent_usd,
-                          stop_reason, run_id))
+                          stop_reason, s3_requests, s3_retries, run_id))
 
     def runs(self) -> list[dict[str, Any]]:
         cur = self._conn.execute("SELECT * FROM runs ORDER BY id")

@@ -309,7 +309,7 @@ def _existing_checkpoint(settings: JobSettings) -> Checkpoint:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from batch_upscaler.doctor import exit_code, options_from_settings, render, run_checks
+    from batch_upscaler.doctor import check_storage, exit_code, options_from_settings, render, run_checks
 
     flags = {k: v for k, v in (("region", args.region), ("profile", args.profile),
                                ("endpoint_url", args.endpoint_url)) if v is not None}
@@ -322,6 +322,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"note: {args.manifest} uses the embedded emulator and needs no AWS; "
               "these checks are for backend: bedrock")
     results = run_checks(options_from_settings(settings, control_endpoint_url=args.control_endpoint_url))
+    results += check_storage(settings)
     print(render(results))
     return exit_code(results)
 

@@ -488,3 +488,19 @@ def _describe(exc: Exception) -> str:
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_storage(settings: JobSettings, session: boto3.session.Session | None = None) -> list[CheckResult]:
+    """The job's S3 checks (buckets, sources readable, output and report writable), each failure with
+    the exact IAM actions missing; none when the job uses no S3."""
+    from batch_upscaler.storage.s3_checks import check_s3, s3_client, s3_locations
+
+    if not s3_locations(settings):
+        return []
+    try:
+        session = session or boto3.session.Session(profile_name=settings.s3.profile or settings.profile)
+    except ProfileNotFound as exc:
+        return [CheckResult("s3", Status.FAIL, f"AWS profile {exc.kwargs.get('profile')!r} not found")]
+    findings = check_s3(settings, s3_client(session, settings))
+    scrub = _scrubber(session)
+    return [CheckResult(scrub(f.name), Status(f.status), scrub(f.detail), f.fix) for f in findings]

@@ -148,6 +148,9 @@ class ReportWriter:
                      "final_rpm": round(last["final_rpm"], 1) if last.get("final_rpm") else None},
             # Why the last run ended early, when it did (a signal, a cap, an outage, a full disk).
             "stopped": last.get("stop_reason"),
+            # The last run's S3 requests (listings, probes, reads, uploads) and how many were retried.
+            "s3": ({"requests": last.get("s3_requests"), "retried": last.get("s3_retries")}
+                   if last.get("s3_requests") is not None else None),
         }
 
     def _stream_items(self, header: dict[str, Any], js: IO[str], cs: IO[str], failed: IO[str]) -> None:

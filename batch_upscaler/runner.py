@@ -175,10 +175,15 @@ async def _finish(settings: JobSettings, options: RunOptions, checkpoint: Checkp
         checkpoint.finish_run(run_id, exit_code, outcome.stats.requests, outcome.stats.throttles,
                               rate_mode=limiter.mode if limiter else None, final_rpm=limiter.rpm if limiter else None,
                               spent_usd=outcome.budget.spent_usd if outcome.budget else 0.0,
-                              stop_reason=outcome.stopped_by if exit_code is ExitCode.INTERRUPTED else None)
+                              stop_reason=outcome.stopped_by if exit_code is ExitCode.INTERRUPTED else None,
+                              s3_requests=storage.s3.calls if storage.s3 else None,
+                              s3_retries=storage.s3.retries if storage.s3 else None)
     except StateUnavailable as exc:  # the state disk is full: the stop line below says why
         log.error("%s", exc)
     report = await _write_report(settings, options, checkpoint, storage)
+    if storage.s3 is not None:
+        log.info("S3: %d request(s), %d retried after a throttle, 5xx or connection error", storage.s3.calls,
+                 storage.s3.retries, extra={"event": "s3"})
     if outcome.fatal is None:
         log_summary(storage.sources.names, checkpoint, run_id, outcome.stopped_by, counts, new_failures, report,
                     outcome.scanned)

@@ -246,3 +246,54 @@ def test_kill_9_mid_run_then_resume_pays_nothing_twice(tmp_path: Path, s3: MotoS
     for i in range(10):
         with Image.open(io.BytesIO(s3.get("archive-upscaled", f"photos/{i}.png"))) as im:
             im.load()  # every object whole
+
+
+def test_an_object_changed_or_deleted_between_scan_and_send_is_not_sent(
+        tmp_path: Path, s3: MotoS3, emulator_factory: EmulatorFactory) -> None:
+    s3.bucket("archive")
+    s3.bucket("archive-upscaled")
+    for i in range(4):
+        s3.put("archive", f"p/{i}.png", image_bytes(80 + i, 70, color=(i * 40, 5, 5)))
+    emulator = emulator_factory(latency_s=0.5)
+    manifest = s3_manifest(tmp_path, emulator, s3.endpoint_url, sources=["s3://archive/p/"],
+                           limits={"concurrency": 1})
+    run = subprocess.Popen([sys.executable, "-m", "batch_upscaler", "run", str(manifest)], env=cli_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not s3.keys("archive-upscaled", "photos/0"):  # the first image is done: the scan is long over
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    s3.put("archive", "p/2.png", image_bytes(120, 70, color=(9, 9, 9)))  # rewritten after it was listed
+    s3.client.delete_object(Bucket="archive", Key="p/3.png")  # deleted after it was listed
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 1, err
+    items = {i["source"]: i for i in json.loads((tmp_path / ".batch-upscaler/reports/job/report.json")
+                                                .read_text())["items"]}
+    assert items["s3://archive/p/2.png"]["error_code"] == "source_changed"
+    assert items["s3://archive/p/3.png"]["error_code"] == "source_unreadable"
+    assert len(sent_shas(emulator)) == 2  # neither was paid for
+
+
+def test_doctor_checks_the_buckets_and_names_the_missing_iam_actions(
+        tmp_path: Path, s3: MotoS3, emulator_factory: EmulatorFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    archive(s3)
+    emulator = emulator_factory()
+    manifest = s3_manifest(tmp_path, emulator, s3.endpoint_url, sources=["s3://archive/photos/2019/",
+                                                                         "s3://no-such-archive/x/"])
+    capsys.readouterr()
+    main(["doctor", str(manifest), "--endpoint-url", emulator.endpoint_url])
+    out = capsys.readouterr().out
+    assert "s3 bucket archive" in out and "exists and is reachable" in out
+    assert "s3 source s3://archive/photos/2019/" in out and "can be listed and read" in out
+    assert "FAIL  s3 bucket no-such-archive" in out
+    assert "s3 output s3://archive-upscaled/photos/" in out and "probe was put and deleted" in out
+    assert not [k for k in s3.keys("archive-upscaled") if "doctor" in k]  # the probe object is gone
+
+    proxy = FaultyProxy(s3.endpoint_url, Faults(match="/archive-upscaled/", deny_puts=True))
+    try:
+        denied = s3_manifest(tmp_path, emulator, proxy.endpoint_url, sources=["s3://archive/photos/2019/"])
+        assert main(["doctor", str(denied), "--endpoint-url", emulator.endpoint_url]) == 3
+        out = capsys.readouterr().out
+        assert "fix: grant s3:PutObject on arn:aws:s3:::archive-upscaled/photos/*" in out
+    finally:
+        proxy.stop()

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import random
-import secrets
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
@@ -377,10 +376,12 @@ class S3OutputStore:
             raise UsageError(problem)
 
     async def probe_writable(self) -> None:
-        """A real PutObject and DeleteObject under the prefix, before paying for anything."""
-        key = self._key(f".batch-upscaler-probe-{secrets.token_hex(4)}")
-        await self.access.call(self.bucket, "s3:PutObject", "put_object", Key=key, Body=b"")
-        await self.access.call(self.bucket, "s3:DeleteObject", "delete_object", Key=key)
+        """A real PutObject under the prefix before paying for anything: the job's marker object is
+        rewritten as it is (so a run needs no s3:DeleteObject)."""
+        marker = await self._owners()
+        body = (json.dumps({"version": 1, "jobs": marker}, indent=2, sort_keys=True) + "\n").encode()
+        await self.access.call(self.bucket, "s3:PutObject", "put_object", Key=self._key(OWNER_KEY), Body=body,
+                               ContentType="application/json")
 
     async def clean_stale_staging(self) -> int:
         return 0  # a PutObject is atomic: nothing half-written is ever left behind
