@@ -20,12 +20,13 @@ stored relative to the output root.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -230,6 +231,7 @@ class Checkpoint:
         self._scan_id = 0
         self._pending_writes = 0
         self.run_id: int | None = None  # the run recording now (failures carry it: "new this run")
+        self._merged_seq = 0
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -655,10 +657,49 @@ class Checkpoint:
                          (self._now(), exit_code, requests, throttles, rate_mode, final_rpm, spent_usd,
                           stop_reason, s3_requests, s3_retries, run_id))
 
+    # ---- the merge's scratch checkpoint -------------------------------------------------------
+    def import_items(self, items: Iterable[Mapping[str, Any]]) -> None:
+        """Load a shard report's items (``report --merge``) into this scratch checkpoint, so the one
+        report code writes the merged report; names and output locations come already displayed."""
+        now = self._now()
+
+        def rows() -> Iterator[tuple[Any, ...]]:
+            for item in items:
+                self._merged_seq += 1
+                inputs, sent, out = (item.get(k) or [None, None] for k in ("input_size", "sent_size", "output_size"))
+                finished = item.get("finished_at")
+                yield (item["source"], self._merged_seq, "merged", item["source"], item["status"], 0, 0, "",
+                       item.get("output"), *inputs, *sent, *out, item.get("attempts") or 0,
+                       item.get("throttles") or 0, item.get("possibly_billed") or 0, item.get("dedup_of"),
+                       item.get("error_code"), item.get("error_message"), self._scan_id, now, now,
+                       _timestamp(finished) if finished else None)
+
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO items (key, seq, source, relpath, state, size, mtime_ns, params_hash,"
+                " output_path, width, height, sent_width, sent_height, output_width, output_height, attempts,"
+                " throttles, possibly_billed, dedup_of, error_code, error_message, scan_id, created_at, updated_at,"
+                " finished_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows())
+
+    def record_merged_run(self, started: float | None, finished: float | None, requests: int, throttles: int,
+                          spent_usd: float, stop_reason: str | None) -> None:
+        """The merged report's "last run": the shards' runs together."""
+        with self._transaction() as conn:
+            conn.execute("INSERT INTO runs (started_at, finished_at, exit_code, requests, throttles, spent_usd, "
+                         "stop_reason) VALUES (?, ?, NULL, ?, ?, ?, ?)",
+                         (started or self._now(), finished, requests, throttles, spent_usd, stop_reason))
+
     def runs(self) -> list[dict[str, Any]]:
         cur = self._conn.execute("SELECT * FROM runs ORDER BY id")
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def _timestamp(iso: str) -> float | None:
+    try:
+        return datetime.datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return None
 
 
 def _storage_problem(exc: sqlite3.OperationalError) -> bool:

@@ -9,6 +9,7 @@ receives a frozen JobSettings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from batch_upscaler.manifest import (
     parse_duration,
 )
 from batch_upscaler.settings import Backend, JobSettings, RunOptions
+from batch_upscaler.shards import Shard
 from batch_upscaler.signals import StopSignals
 
 log = logging.getLogger("batch_upscaler")
@@ -52,9 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.add_argument("--retry-failed", action="store_true", help="plan as if run with --retry-failed")
     _add_max_images(plan, "plan at most N images")
-    for name, text in (("report", "rewrite the report from the checkpoint"),
-                       ("status", "counts per state from the checkpoint")):
-        _job_args(sub.add_parser(name, help=text))
+    report = sub.add_parser("report", help="rewrite the report from the checkpoint")
+    _job_args(report)
+    report.add_argument("--merge", action="store_true",
+                        help="one report over every shard's report (exit 0 all done, 1 failures, 75 shards "
+                             "missing or unfinished)")
+    _job_args(sub.add_parser("status", help="counts per state from the checkpoint"))
     _add_doctor(sub.add_parser("doctor", help="check the AWS set-up: credentials, region, inference profile, "
                                "model access (sends no upscale request, pays nothing)"))
     # Listed for --help only: main() hands "emulator ..." to the emulator's own command line.
@@ -128,6 +133,11 @@ def _job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="json: one object per line (timestamp, level, job, event, file, attempt, error_code)")
+    parser.add_argument("--shard-count", type=_positive_int, metavar="N",
+                        help="split the job into N shards (shards.count); 1, the default, is one whole job")
+    parser.add_argument("--shard-index", type=int, metavar="I",
+                        help="this machine's shard, 0..N-1 (default: AWS_BATCH_JOB_ARRAY_INDEX or "
+                             "JOB_COMPLETION_INDEX, which AWS Batch and Kubernetes Indexed Jobs set)")
 
 
 def _positive_int(text: str) -> int:
@@ -227,9 +237,36 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return flags
 
 
-def _settings(args: argparse.Namespace) -> JobSettings:
+def _settings(args: argparse.Namespace, *, need_index: bool = True) -> JobSettings:
     flags = flag_overrides(args) if args.command == "run" else {}
-    return settings_from(manifest_layers(args.manifest, config_path(args.config), flags))
+    if args.shard_count is not None:
+        flags["shards"] = {"count": args.shard_count}
+    settings = settings_from(manifest_layers(args.manifest, config_path(args.config), flags))
+    count = settings.shard.count
+    if count == 1:
+        return settings
+    index = shard_index(args.shard_index)
+    if index is None:
+        if need_index:
+            raise UsageError(f"{count} shards: which one is this? Pass --shard-index, or run under AWS Batch "
+                             "(AWS_BATCH_JOB_ARRAY_INDEX) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX)")
+        return settings
+    if not 0 <= index < count:
+        raise UsageError(f"shard index {index} is not in 0..{count - 1} (shards.count {count})")
+    return dataclasses.replace(settings, shard=Shard(index, count))
+
+
+def shard_index(flag: int | None) -> int | None:
+    """This machine's shard: --shard-index beats the engines' variables (AWS Batch, then Kubernetes)."""
+    if flag is not None:
+        return flag
+    for name in ("AWS_BATCH_JOB_ARRAY_INDEX", "JOB_COMPLETION_INDEX"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            if not value.isdigit():
+                raise UsageError(f"{name}={value!r} is not a shard index")
+            return int(value)
+    return None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -271,10 +308,15 @@ def _job_name(args: argparse.Namespace) -> str | None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from batch_upscaler.planner import plan_job, render_plan
+    from batch_upscaler.planner import plan_job, plan_shards, render_plan, render_shards
 
-    settings = _settings(args)
-    plan = plan_job(settings, RunOptions(limit=args.limit, retry_failed=args.retry_failed))
+    settings = _settings(args, need_index=False)
+    options = RunOptions(limit=args.limit, retry_failed=args.retry_failed)
+    if settings.shard.count > 1 and shard_index(args.shard_index) is None:  # every shard, one line each
+        plans = plan_shards(settings, options)
+        print(json.dumps([p.to_json() for p in plans], indent=2) if args.json else render_shards(plans))
+        return ExitCode.OK
+    plan = plan_job(settings, options)
     print(json.dumps(plan.to_json(), indent=2) if args.json else render_plan(plan))
     return ExitCode.OK
 
@@ -282,6 +324,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from batch_upscaler.report import publish_report
 
+    if args.merge:
+        return _merge(args)
     settings = _settings(args)
     checkpoint = _existing_checkpoint(settings)
     try:
@@ -289,6 +333,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     finally:
         checkpoint.close()
     return ExitCode.OK
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from batch_upscaler.merge import merge_reports
+
+    settings = _settings(args, need_index=False)
+    result = merge_reports(settings)
+    for label in result.missing:
+        log.warning("shard %s has not finished a run (no done.json in its report folder)", label)
+    for label in result.unfinished:
+        log.warning("shard %s stopped early in its last run (exit 75): run it again", label)
+    log.info("merged %d shard(s): %d item(s), %d failed; report in %s", settings.shard.count, result.items,
+             result.failed, result.where)
+    print(result.where)
+    return int(result.exit_code)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -69,8 +69,8 @@ class _Aggregates:
 class _Names:
     """Display names and on-disk paths of items (as report.py shows them)."""
 
-    def __init__(self, settings: JobSettings) -> None:
-        self.names = Names(settings)
+    def __init__(self, settings: JobSettings, names: Names | None = None) -> None:
+        self.names = names or Names(settings)
 
     def display(self, row: Mapping[str, Any]) -> str:
         return self.names.item(row["source"], row["relpath"], row.get("key"))
@@ -84,10 +84,10 @@ class _Names:
 
 
 def render_html(settings: JobSettings, checkpoint: Checkpoint, header: Mapping[str, Any], *,
-                sample_size: int = 24, thumb_px: int = 160) -> str:
+                names: Names | None = None, sample_size: int = 24, thumb_px: int = 160) -> str:
     """The whole report.html document for ``settings``' job, as one string."""
-    names = _Names(settings)
-    agg = _aggregate(checkpoint, names)
+    shown = _Names(settings, names)
+    agg = _aggregate(checkpoint, shown)
     samples = _sample(checkpoint, agg.succeeded, sample_size)
     body = [
         _summary_section(header, checkpoint.runs()),
@@ -95,7 +95,7 @@ def render_html(settings: JobSettings, checkpoint: Checkpoint, header: Mapping[s
         _histogram_section(agg),
         _groups_section("Failures by reason", "failed", agg.failures),
         _groups_section("Skipped by reason", "skipped", agg.skips),
-        _thumbs_section(samples, agg.succeeded, settings, names, thumb_px),
+        _thumbs_section(samples, agg.succeeded, settings, shown, thumb_px),
     ]
     return _document(header, thumb_px, "".join(body))
 

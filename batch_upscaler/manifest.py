@@ -40,6 +40,7 @@ from batch_upscaler.settings import (
     S3Settings,
     Undersize,
 )
+from batch_upscaler.shards import Shard
 from batch_upscaler.storage.urls import Location, is_s3, parse_s3, s3_url_problem
 
 Check = Callable[[Any], str | None]
@@ -56,6 +57,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "models": {},
     "emulator": {"output_max_pixels": None, "latency_s": 0, "quota_rpm": None},
     "s3": {"region": None, "endpoint_url": None, "profile": None, "checksums": "when_supported"},
+    "shards": {"count": 1},
     "prepare": {"orientation": "apply", "oversize": "downscale", "undersize": "skip", "aspect": "pad",
                 "alpha": "flatten", "background": "#ffffff", "min_gain": 1.0},
 }
@@ -187,6 +189,7 @@ _LIMITS = {
     "possibly_billed_resends": Key(number(0, 10, whole=True)),
     "outage_errors": Key(number(1, whole=True)),
     "outage_wait": Key(duration),
+    "shard_rpm": Key(optional(number(above=0))),
 }
 _BEDROCK = {"region": Key(is_str), "endpoint_url": Key(optional(url)), "profile": Key(optional(is_str))}
 _EMULATOR = {
@@ -231,6 +234,7 @@ MANIFEST_SCHEMA: Mapping[str, Key] = {
     "state_dir": Key(optional(local_path)),
     "report_dir": Key(optional(location)),
     "s3": Key(children=_S3),
+    "shards": Key(children={"count": Key(number(1, 10_000, whole=True))}),
 }
 _OVERRIDE = {"max_pixels": Key(number(1, whole=True)), "creativity_min": Key(number(0, 1)),
              "price_usd": Key(number(0))}
@@ -241,6 +245,7 @@ CONFIG_SCHEMA: Mapping[str, Key] = {
     "limits": Key(children=_LIMITS),
     "emulator": Key(children=_EMULATOR),
     "s3": Key(children=_S3),
+    "shards": Key(children={"count": Key(number(1, 10_000, whole=True))}),
     "region_prefixes": Key(any_keys=Key(is_str)),
     "models": Key(children={m.value: Key(children=_OVERRIDE) for m in ModelName}),
 }
@@ -448,7 +453,8 @@ def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: di
                     max_cost_usd=None if lim.get("max_cost_usd") is None else float(lim["max_cost_usd"]),
                     retry_after_max_s=float(lim["retry_after_max_s"]),
                     possibly_billed_resends=int(lim["possibly_billed_resends"]),
-                    outage_errors=int(lim["outage_errors"]), outage_wait_s=parse_duration(lim["outage_wait"]))
+                    outage_errors=int(lim["outage_errors"]), outage_wait_s=parse_duration(lim["outage_wait"]),
+                    shard_rpm=None if lim.get("shard_rpm") is None else float(lim["shard_rpm"]))
     return JobSettings(
         name=merged["name"],
         manifest_path=manifest_path.resolve(),
@@ -467,8 +473,9 @@ def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: di
         aws=sources,
         limits=limits,
         state_dir=state_dir,
-        report_dir=report_dir,
+        report_root=report_dir,
         s3=S3Settings(**merged["s3"]),
+        shard=Shard(0, int(merged["shards"]["count"])),
         emulator=EmulatorSettings(**merged["emulator"]),
         naming=merged["output"].get("naming", DEFAULT_TEMPLATE),
         name_compare=NameCompare(merged["output"]["name_compare"]),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from aiobotocore.session import AioSession
@@ -22,6 +22,7 @@ from batch_upscaler.checkpoint import Checkpoint, ItemState, WorkItem
 from batch_upscaler.progress import human_duration
 from batch_upscaler.runner import prepare_items
 from batch_upscaler.settings import JobSettings, RunOptions, request_fingerprint
+from batch_upscaler.shards import Shard
 from batch_upscaler.signals import StopSignals
 from batch_upscaler.storage.edge import Storage, open_storage
 
@@ -49,6 +50,7 @@ class Plan:
     requests_per_minute: float | None = None  # None: auto
     estimated_minutes: float | None = None
     bedrock: dict[str, Any] = field(default_factory=dict)  # region, endpoint and profile in use, and their sources
+    shard: str | None = None  # "0007-of-0032" when planned per shard
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +92,36 @@ async def _plan(settings: JobSettings, options: RunOptions, checkpoint: Checkpoi
                  "endpoint_url": settings.aws.endpoint_url, "endpoint_source": settings.aws.endpoint,
                  "profile": settings.aws.profile},
     )
+
+
+def plan_shards(settings: JobSettings, options: RunOptions) -> list[Plan]:
+    """The plan of every shard (each scans the whole source and counts its own items)."""
+    count = settings.shard.count
+    plans = []
+    for index in range(count):
+        plan = plan_job(replace(settings, shard=Shard(index, count)), options)
+        plan.shard = Shard(index, count).label
+        plans.append(plan)
+    return plans
+
+
+def render_shards(plans: list[Plan]) -> str:
+    """One line per shard, a total, and a warning when the shards are uneven."""
+    lines = [f"plan for job {plans[0].job} in {len(plans)} shards — nothing is sent, nothing is changed",
+             f"  {'shard':<13}{'files':>9}{'done':>9}{'requests':>10}{'cost':>12}{'time':>12}"]
+    for plan in plans:
+        duration = human_duration(plan.estimated_minutes * 60) if plan.estimated_minutes is not None else "auto"
+        lines.append(f"  {plan.shard:<13}{plan.files_found:>9}{plan.already_done:>9}{plan.requests:>10}"
+                     f"{f'${plan.estimated_cost_usd:.2f}':>12}{duration:>12}")
+    requests = [p.requests for p in plans]
+    total_cost = sum(p.estimated_cost_usd for p in plans)
+    lines.append(f"  {'total':<13}{sum(p.files_found for p in plans):>9}{sum(p.already_done for p in plans):>9}"
+                 f"{sum(requests):>10}{f'${total_cost:.2f}':>12}")
+    mean = sum(requests) / len(requests)
+    if mean >= 4 and max(requests) > 1.25 * mean:
+        lines.append(f"  warning: shards are uneven (the largest has {max(requests)} requests, the mean {mean:.0f}): "
+                     "the job takes as long as its largest shard")
+    return "\n".join(lines)
 
 
 def _pending(checkpoint: Checkpoint) -> list[WorkItem]:

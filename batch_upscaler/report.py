@@ -70,10 +70,10 @@ class Summary:
 
 
 class ReportWriter:
-    def __init__(self, settings: JobSettings, checkpoint: Checkpoint) -> None:
+    def __init__(self, settings: JobSettings, checkpoint: Checkpoint, names: Names | None = None) -> None:
         self.settings = settings
         self.checkpoint = checkpoint
-        self.names = Names(settings)
+        self.names = names or Names(settings)  # the merge passes names that are already display strings
 
     def write(self, directory: Path | None = None) -> Path:
         """Write every report file into ``directory`` (default: the local report_dir); returns it.
@@ -90,7 +90,7 @@ class ReportWriter:
         with _atomic(directory / "report.md") as md:
             md.write(render_markdown(header, summary))
         try:
-            page_html = render_html(self.settings, self.checkpoint, header)
+            page_html = render_html(self.settings, self.checkpoint, header, names=self.names)
         except Exception:  # the page is for looking at; a bug in it must not cost the run's outcome
             log.exception("report.html could not be written; report.json, report.md and items.csv are complete")
         else:
@@ -185,6 +185,8 @@ class ReportWriter:
             "dedup_of": row["dedup_of"],
             "error_code": row["error_code"],
             "error_message": row["error_message"],
+            "possibly_billed": row["possibly_billed"],
+            "finished_at": _iso(row["finished_at"]),
         }
 
     def _source_display(self, row: dict[str, Any]) -> str:
@@ -272,6 +274,12 @@ def render_markdown(header: dict[str, Any], summary: Summary) -> str:
 
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+
+
+def write_json_atomically(path: Path, document: Any) -> None:
+    """A small JSON file, replaced whole (a reader never sees half of it)."""
+    with _atomic(path) as out:
+        out.write(json.dumps(document, indent=2) + "\n")
 
 
 @contextmanager

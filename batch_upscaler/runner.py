@@ -34,6 +34,7 @@ from batch_upscaler.emulator import EmulatorConfig, serve
 from batch_upscaler.ending import exit_code_for, log_summary
 from batch_upscaler.errors import ExitCode, FatalBackendError, Interrupted, StateUnavailable, UpscalerError
 from batch_upscaler.joblock import JobLock
+from batch_upscaler.merge import write_done
 from batch_upscaler.metrics import write_metrics
 from batch_upscaler.pool import PoolStats, WorkerPool
 from batch_upscaler.progress import Progress
@@ -154,6 +155,17 @@ async def _before_the_pool(settings: JobSettings, options: RunOptions, checkpoin
     return True
 
 
+def shard_rate(settings: JobSettings) -> float | None:
+    """This shard's ceiling: limits.shard_rpm, else its share of requests_per_minute (one quota, many
+    shards); None (``auto``) lets each shard find its share of the quota adaptively."""
+    limits = settings.limits
+    if limits.shard_rpm is not None:
+        return limits.shard_rpm
+    if limits.requests_per_minute is None:
+        return None
+    return limits.requests_per_minute / settings.shard.count
+
+
 def _work_left(checkpoint: Checkpoint, only: frozenset[str] | None) -> bool:
     return bool(only) if only is not None else checkpoint.counts()[ItemState.PENDING] > 0
 
@@ -180,7 +192,7 @@ async def _finish(settings: JobSettings, options: RunOptions, checkpoint: Checkp
                               s3_retries=storage.s3.retries if storage.s3 else None)
     except StateUnavailable as exc:  # the state disk is full: the stop line below says why
         log.error("%s", exc)
-    report = await _write_report(settings, options, checkpoint, storage)
+    report = await _write_report(settings, options, checkpoint, storage, exit_code)
     if storage.s3 is not None:
         log.info("S3: %d request(s), %d retried after a throttle, 5xx or connection error", storage.s3.calls,
                  storage.s3.retries, extra={"event": "s3"})
@@ -190,12 +202,15 @@ async def _finish(settings: JobSettings, options: RunOptions, checkpoint: Checkp
     return RunResult(exit_code, counts, outcome.stats.requests, outcome.stats.throttles, report, new_failures)
 
 
-async def _write_report(settings: JobSettings, options: RunOptions, checkpoint: Checkpoint, storage: Storage) -> str:
-    """The report from the checkpoint, published where report_dir says; a report that cannot be
-    written never changes what the run did."""
+async def _write_report(settings: JobSettings, options: RunOptions, checkpoint: Checkpoint, storage: Storage,
+                        exit_code: ExitCode) -> str:
+    """The report from the checkpoint, published where report_dir says (a shard's ends with its
+    done.json); a report that cannot be written never changes what the run did."""
     try:
         ReportWriter(settings, checkpoint).write(storage.reports.local_dir)
         write_metrics(_metrics_path(options, storage), settings.name, checkpoint, settings.model.price_usd)
+        if settings.shard.sharded:
+            write_done(storage.reports.local_dir, settings, checkpoint, exit_code)
         return await storage.reports.publish()
     except (OSError, UpscalerError) as exc:
         log.error("the report could not be written: %s", exc)
@@ -223,7 +238,7 @@ async def _execute(settings: JobSettings, options: RunOptions, checkpoint: Check
                    session: AioSession, outcome: RunOutcome, clock: Clock, rng: random.Random,
                    only: frozenset[str] | None, signals: StopSignals) -> None:
     stop = asyncio.Event()
-    limiter = make_limiter(settings.limits.requests_per_minute, clock)
+    limiter = make_limiter(shard_rate(settings), clock)
     outcome.limiter = limiter
     pending = checkpoint.counts()[ItemState.PENDING] if only is None else len(only)
     total = pending if options.limit is None else min(pending, options.limit)

@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from batch_upscaler.catalogue import ModelSpec
+from batch_upscaler.shards import Shard
 from batch_upscaler.storage.urls import Location
 
 
@@ -117,6 +118,7 @@ class Limits:
     # worker; the service is then probed for up to outage_wait_s before the run stops (exit 75).
     outage_errors: int = 8
     outage_wait_s: float = 900.0
+    shard_rpm: float | None = None  # a shard's own ceiling; None: requests_per_minute / shard count
 
 
 @dataclass(frozen=True)
@@ -173,12 +175,13 @@ class JobSettings:
     profile: str | None  # configured (bedrock.profile); None lets botocore choose (AWS_PROFILE, default)
     limits: Limits
     state_dir: Path
-    report_dir: Location
+    report_root: Location  # report_dir as configured; a shard reports under <report_root>/shards/<label>/
     emulator: EmulatorSettings = field(default_factory=EmulatorSettings)
     s3: S3Settings = field(default_factory=S3Settings)
     naming: str = "{relpath}"
     name_compare: NameCompare = NameCompare.CASEFOLD
     output_shared: bool = False  # output.shared: other jobs may write into output_dir (disjoint names)
+    shard: Shard = field(default_factory=Shard)  # this machine's part of the job (index from the engine)
     prepare: PrepareSettings = field(default_factory=PrepareSettings)
     metadata: MetadataSettings = field(default_factory=MetadataSettings)
     aws: AwsSources = field(default_factory=AwsSources)
@@ -187,12 +190,26 @@ class JobSettings:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
     @property
+    def _state_stem(self) -> str:
+        """The job's name, and its shard's label when sharded (two shards never share a checkpoint or lock)."""
+        return f"{self.name}.shard-{self.shard.label}" if self.shard.sharded else self.name
+
+    @property
     def checkpoint_path(self) -> Path:
-        return self.state_dir / f"{self.name}.sqlite"
+        return self.state_dir / f"{self._state_stem}.sqlite"
 
     @property
     def lock_path(self) -> Path:
-        return self.state_dir / f"{self.name}.lock"
+        return self.state_dir / f"{self._state_stem}.lock"
+
+    @property
+    def report_dir(self) -> Location:
+        """Where this job's (or this shard's) report goes."""
+        if not self.shard.sharded:
+            return self.report_root
+        if isinstance(self.report_root, Path):
+            return self.report_root / "shards" / self.shard.label
+        return self.report_root.child(f"shards/{self.shard.label}/")
 
 
 @dataclass(frozen=True)

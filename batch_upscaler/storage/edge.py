@@ -24,6 +24,7 @@ from batch_upscaler.storage.s3 import S3Access, S3OutputStore, S3Root, S3SourceR
 from batch_upscaler.storage.urls import Location, S3Url, is_s3, parse_s3
 
 log = logging.getLogger(__name__)
+DONE_FILE = "done.json"  # a shard's last report file: the merge counts the shard as finished by it
 
 
 class Sources:
@@ -66,7 +67,14 @@ class Sources:
                                  "(0 files). Choose an output.dir outside the sources")
 
     async def found(self) -> AsyncIterator[Found]:
-        """Every item of every source, in manifest order; a file or object reached twice comes once."""
+        """Every item of every source that this shard owns, in manifest order; a file or object reached
+        twice comes once. (Every shard walks or lists the whole source and keeps its own items.)"""
+        shard = self.settings.shard
+        async for item in self._all_found():
+            if shard.owns(item.key):
+                yield item
+
+    async def _all_found(self) -> AsyncIterator[Found]:
         seen_urls: set[str] = set()
         overlapping = len(self.s3) > 1  # one S3 source cannot list a key twice: no need to remember keys
         for spec in self.settings.sources:
@@ -123,10 +131,11 @@ class Reports:
     store: S3OutputStore | None = None
 
     async def publish(self) -> str:
+        """Upload the report files (a shard's done.json last: the merge reads it as "this shard is done")."""
         if self.store is not None:
-            for path in sorted(self.local_dir.iterdir()):
-                if path.is_file() and not path.name.startswith("."):
-                    await self.store.upload_file(path, path.name)
+            files = [p for p in sorted(self.local_dir.iterdir()) if p.is_file() and not p.name.startswith(".")]
+            for path in sorted(files, key=lambda p: p.name == DONE_FILE):
+                await self.store.upload_file(path, path.name)
         return self.shown
 
 
@@ -171,6 +180,7 @@ async def open_storage(settings: JobSettings, session: AioSession | None = None)
 def _reports(settings: JobSettings, access: S3Access | None) -> Reports:
     if isinstance(settings.report_dir, S3Url):
         assert access is not None
-        staging = settings.state_dir / "reports" / settings.name  # written here, then uploaded
+        label = f"{settings.name}.shard-{settings.shard.label}" if settings.shard.sharded else settings.name
+        staging = settings.state_dir / "reports" / label  # written here, then uploaded
         return Reports(staging, str(settings.report_dir), S3OutputStore(access, settings.report_dir))
     return Reports(settings.report_dir, str(settings.report_dir))

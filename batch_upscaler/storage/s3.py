@@ -389,6 +389,18 @@ class S3OutputStore:
     async def close(self) -> None:
         """Nothing to release: the clients belong to the run's S3Access."""
 
+    async def download(self, relpath: str, target: Path) -> bool:
+        """An object under the prefix, streamed to a local file; False if it does not exist."""
+        try:
+            response = await self.access.call(self.bucket, "s3:GetObject", "get_object", Key=self._key(relpath))
+        except ClientError:
+            return False
+        with target.open("wb") as out:
+            async with response["Body"] as body:
+                async for chunk in body.iter_chunks(1 << 20):
+                    out.write(chunk)
+        return True
+
     async def upload_file(self, path: Path, relpath: str) -> None:
         """A report file, published under the prefix."""
         await self.access.call(self.bucket, "s3:PutObject", "put_object", Key=self._key(relpath),
