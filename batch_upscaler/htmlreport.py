@@ -5,17 +5,13 @@ into a single HTML document with no external assets and no JavaScript: inline CS
 charts (throughput over time, scale-factor histogram), failures and skips grouped by reason, and
 before/after thumbnails embedded as small JPEG data URIs. A Content-Security-Policy forbids the
 page every network load, so opening it can never reach out. Items are streamed from the
-checkpoint twice (aggregates, then the thumbnail sample); only bounded aggregates are held.
+checkpoint once; only bounded aggregates and the thumbnail sample (thumbnails.py) are held.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import datetime as dt
-import hashlib
 import html
-import io
 import math
 import os
 import statistics
@@ -26,23 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from batch_upscaler.checkpoint import Checkpoint, ItemState
 from batch_upscaler.discovery import printable
 from batch_upscaler.settings import JobSettings
 from batch_upscaler.storage.names import Names
+from batch_upscaler.thumbnails import SAMPLE_SIZE, StableSample, ThumbnailCache, version
 
 GROUP_LIST_LIMIT = 200  # files listed per failure/skip reason; the rest are counted (items.csv has all)
-THUMB_QUALITY = 70
 _MESSAGE_CHARS = 160
 _MAX_BARS = 180
 _SLOT_S = 10  # finish times are counted per 10-second slot; bins are whole slots
 _NICE_TICKS_S = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 _NICE_SLOTS = (1, 2, 3, 6, 12, 30, 60, 90, 180, 360, 720, 1080, 2160, 4320, 8640)
-_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
@@ -64,6 +55,7 @@ class _Aggregates:
     failures: dict[str, _Group] = field(default_factory=dict)
     skips: dict[str, _Group] = field(default_factory=dict)
     succeeded: int = 0
+    sample: StableSample = field(default_factory=StableSample)
 
 
 class _Names:
@@ -84,25 +76,24 @@ class _Names:
 
 
 def render_html(settings: JobSettings, checkpoint: Checkpoint, header: Mapping[str, Any], *,
-                names: Names | None = None, sample_size: int = 24, thumb_px: int = 160) -> str:
+                names: Names | None = None, sample_size: int = SAMPLE_SIZE, thumb_px: int = 160) -> str:
     """The whole report.html document for ``settings``' job, as one string."""
     shown = _Names(settings, names)
-    agg = _aggregate(checkpoint, shown)
-    samples = _sample(checkpoint, agg.succeeded, sample_size)
+    agg = _aggregate(checkpoint, shown, StableSample(sample_size))
     body = [
         _summary_section(header, checkpoint.runs()),
         _throughput_section(agg),
         _histogram_section(agg),
         _groups_section("Failures by reason", "failed", agg.failures),
         _groups_section("Skipped by reason", "skipped", agg.skips),
-        _thumbs_section(samples, agg.succeeded, settings, shown, thumb_px),
+        _thumbs_section(agg.sample.rows(), agg.succeeded, settings, shown, thumb_px),
     ]
     return _document(header, thumb_px, "".join(body))
 
 
 # ---- data ------------------------------------------------------------------------------------
-def _aggregate(checkpoint: Checkpoint, names: _Names) -> _Aggregates:
-    agg = _Aggregates()
+def _aggregate(checkpoint: Checkpoint, names: _Names, sample: StableSample) -> _Aggregates:
+    agg = _Aggregates(sample=sample)
     for row in checkpoint.items():
         state = row["state"]
         if row["finished_at"] is not None and state in (ItemState.SUCCEEDED, ItemState.FAILED):
@@ -110,6 +101,7 @@ def _aggregate(checkpoint: Checkpoint, names: _Names) -> _Aggregates:
             per_slot[int(row["finished_at"] // _SLOT_S)] += 1
         if state == ItemState.SUCCEEDED:
             agg.succeeded += 1
+            agg.sample.offer(row)
             if row["width"] and row["output_width"]:
                 agg.factors[round(row["output_width"] / row["width"], 3)] += 1
         elif state in (ItemState.FAILED, ItemState.SKIPPED):
@@ -126,23 +118,6 @@ def _short_message(row: Mapping[str, Any]) -> str:
     prefix = f"{row['error_code']}: "
     message = message[len(prefix):] if message.startswith(prefix) else message
     return message if len(message) <= _MESSAGE_CHARS else message[:_MESSAGE_CHARS - 1] + "…"
-
-
-def _sample(checkpoint: Checkpoint, succeeded: int, size: int) -> list[dict[str, Any]]:
-    """At most ``size`` succeeded items, evenly spaced in discovery (seq) order."""
-    count = min(max(size, 0), succeeded)
-    wanted = {(2 * i + 1) * succeeded // (2 * count) for i in range(count)}
-    picked: list[dict[str, Any]] = []
-    index = 0
-    for row in checkpoint.items():
-        if row["state"] != ItemState.SUCCEEDED:
-            continue
-        if index in wanted:
-            picked.append(row)
-            if len(picked) == len(wanted):
-                break  # the generator (and its cursor) is closed as it goes out of scope
-        index += 1
-    return picked
 
 
 # ---- document and summary --------------------------------------------------------------------
@@ -426,18 +401,17 @@ def _thumbs_section(samples: list[dict[str, Any]], succeeded: int, settings: Job
     if not samples:
         return ""
     figures = "".join(_pair(row, settings, names, px) for row in samples)
-    note = f"{len(samples)} of {succeeded} succeeded, evenly spaced; click an output to open it"
+    note = f"{len(samples)} of {succeeded} succeeded (the same ones from run to run); click an output to open it"
     return (f'<section id="samples"><h2>Before / after <small>{_e(note)}</small></h2>'
             f'<div class="pairs">{figures}</div></section>\n')
 
 
 def _pair(row: Mapping[str, Any], settings: JobSettings, names: _Names, px: int) -> str:
     name = names.display(row)
-    source = names.source_path(row)
-    output = names.output_path(row)  # None for S3 outputs: never downloaded again for a thumbnail
-    cache = settings.state_dir / "thumbnails"
-    before = _box(source, px, "before", name, cache)
-    after = _box(output, px, "after", name, cache)
+    output = names.output_path(row)
+    cache = ThumbnailCache(settings.state_dir / "thumbnails", px)
+    before = _box(row, "before", names.source_path(row), cache, name)
+    after = _box(row, "after", output, cache, name)
     if output is not None and output.is_file() and isinstance(settings.report_dir, Path):
         href = urllib.parse.quote(Path(os.path.relpath(output, settings.report_dir)).as_posix(), safe="/")
         after = f'<a href="{html.escape(href, quote=True)}" title="open the full output">{after}</a>'
@@ -448,64 +422,16 @@ def _pair(row: Mapping[str, Any], settings: JobSettings, names: _Names, px: int)
             f'<span class="f" title="{_e(name)}">{_e(name)}</span>{_e(sizes)}</figcaption></figure>')
 
 
-def _box(path: Path | None, px: int, tag: str, name: str, cache: Path) -> str:
-    if path is None or not path.is_file():
-        inner = f'<span class="ph">{tag}: file missing</span>'
+def _box(row: Mapping[str, Any], tag: str, path: Path | None, cache: ThumbnailCache, name: str) -> str:
+    """One picture: a local file's (made once, then cached), or the one the pool kept of an S3 object."""
+    if path is None:
+        uri = cache.of_item(row["key"], tag, version(row, tag))
+        missing = "in S3, no picture kept" if uri is None else ""
+    elif not path.is_file():
+        uri, missing = None, "file missing"
     else:
-        uri = _cached_thumbnail(path, px, cache)
-        inner = (f'<img src="{uri}" alt="{tag}: {_e(name)}">' if uri
-                 else f'<span class="ph">{tag}: unreadable</span>')
+        uri = cache.of_file(path)
+        missing = "" if uri else "unreadable"
+    inner = (f'<img src="{uri}" alt="{tag}: {_e(name)}">' if uri
+             else f'<span class="ph">{tag}: {missing}</span>')
     return f'<div class="box"><span class="tag">{tag}</span>{inner}</div>'
-
-
-def _cached_thumbnail(path: Path, px: int, cache: Path) -> str | None:
-    """:func:`_thumbnail`, kept on disk by (path, size, mtime): a ~10 MP PNG output costs ~120 ms to
-    decode, and the report is rewritten after every run, mostly with the same samples."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    # fsencode: a name that is not UTF-8 (surrogate escapes) must hash too
-    stamp = os.fsencode(path) + f"|{st.st_size}|{st.st_mtime_ns}|{px}".encode()
-    key = hashlib.sha1(stamp, usedforsecurity=False).hexdigest()
-    entry = cache / f"{key}.txt"
-    try:
-        return entry.read_text(encoding="ascii")
-    except OSError:
-        pass
-    uri = _thumbnail(path, px)
-    if uri is not None:
-        with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(uri, encoding="ascii")
-            os.replace(tmp, entry)
-    return uri
-
-
-def _thumbnail(path: Path, px: int) -> str | None:
-    """A JPEG data URI of ``path`` fitting ``px``×``px``, or None when it cannot be decoded."""
-    try:
-        with Image.open(path) as im:
-            orientation = im.getexif().get(0x0112)
-            if im.format == "JPEG":
-                im.draft("RGB", (px, px))  # DCT scaling: decode at 1/2..1/8 size
-            im.thumbnail((px, px))
-            small = _to_rgb(im)
-        small = small.transpose(_ORIENTATION[orientation]) if orientation in _ORIENTATION else small
-        out = io.BytesIO()
-        small.save(out, "JPEG", quality=THUMB_QUALITY, optimize=True)
-    except Exception:  # any broken, truncated or exotic file: a placeholder, never an exception
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        flat = Image.new("RGB", rgba.size, (255, 255, 255))
-        flat.paste(rgba, mask=rgba.getchannel("A"))
-        return flat
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return im.point(lambda v: v / 256).convert("L").convert("RGB")  # 16-bit: scale, don't clip
-    return im.convert("RGB")

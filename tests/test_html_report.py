@@ -33,6 +33,7 @@ from batch_upscaler.cli import main
 from batch_upscaler.htmlreport import render_html
 from batch_upscaler.manifest import load_settings
 from batch_upscaler.settings import JobSettings
+from batch_upscaler.thumbnails import sample_rank
 from tests.conftest import manifest_doc, write_image
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -149,7 +150,13 @@ def test_sample_is_deterministic_and_bounded(job: Job) -> None:
     assert first == _render(job.settings, job.header, sample_size=3, thumb_px=64)
     assert first.count('<figure class="pair">') == 3 and "width:64px;height:64px" in first
     names = re.findall(r'<span class="f" title="([^"]*)">', first)
-    assert names == ["photos/img1.png", "photos/img3.png", "photos/sub dir/pic é.jpg"]  # evenly spaced
+    checkpoint = Checkpoint.open(job.settings.checkpoint_path, job.settings.name)
+    try:
+        rows = [row for row in checkpoint.items() if row["state"] == ItemState.SUCCEEDED]
+    finally:
+        checkpoint.close()
+    lowest = sorted(rows, key=lambda row: sample_rank(row["key"]))[:3]  # the stable sample: smallest ranks
+    assert names == [f"photos/{row['relpath']}" for row in sorted(lowest, key=lambda row: row["seq"])]
 
 
 def test_missing_or_broken_outputs_get_placeholders(job: Job, tmp_path: Path) -> None:
@@ -217,15 +224,15 @@ def test_long_groups_are_capped(job: Job, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_thumbnails_are_cached_between_reports(job: Job, monkeypatch: pytest.MonkeyPatch) -> None:
-    import batch_upscaler.htmlreport as htmlreport
+    import batch_upscaler.thumbnails as thumbnails
 
     first = _render(job.settings, job.header)
     assert list((job.settings.state_dir / "thumbnails").glob("*.txt"))
 
-    def no_decoding(path: Path, px: int) -> str | None:
-        raise AssertionError(f"{path} was decoded again")
+    def no_decoding(image: object, px: int) -> str | None:
+        raise AssertionError(f"{image} was decoded again")
 
-    monkeypatch.setattr(htmlreport, "_thumbnail", no_decoding)
+    monkeypatch.setattr(thumbnails, "make_thumbnail", no_decoding)
     assert _render(job.settings, job.header) == first
 
 

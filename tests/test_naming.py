@@ -50,3 +50,27 @@ def test_collisions_are_reported_before_any_request(tmp_path: Path, write_manife
         "output_conflict: out/x.png already belongs to photos/a/x.png")
     assert report["requests"] == 1
     assert "output_conflict" in capsys.readouterr().err
+
+
+def test_names_join_strings_exactly_as_paths_would(tmp_path: Path) -> None:
+    """storage.names joins prefixes as strings for speed: the same names as the Path arithmetic."""
+    import dataclasses
+
+    from batch_upscaler.discovery import display_path
+    from batch_upscaler.manifest import load_settings
+    from batch_upscaler.storage.names import Names
+
+    outside = tmp_path / "elsewhere"
+    (tmp_path / "job" / "photos").mkdir(parents=True)
+    outside.mkdir()
+    manifest = tmp_path / "job" / "m.yaml"
+    manifest.write_text(json.dumps({"version": 1, "name": "n", "sources": [".", "photos", str(outside),
+                                                                          "photos/**/*.jpg"],
+                                    "output": {"dir": "out"}, "model": {"name": "fast"}}))
+    settings = load_settings(manifest)
+    for output_dir in (settings.output_dir, outside / "o", Path("/")):
+        names = Names(dataclasses.replace(settings, output_dir=output_dir))
+        for source in settings.sources:
+            for relpath in ("a.jpg", "2020/trip/IMG 1.JPG", "é/\\x ff.png"):
+                assert names.item(source, relpath) == display_path(names.local, source, relpath, settings.base_dir)
+                assert names.output_location(relpath) == str(output_dir / relpath)
