@@ -8,11 +8,15 @@ Two controllers set the rate:
 
 * :class:`FixedRateLimiter` (a number in the manifest): the number is a ceiling. A throttle cuts
   the rate in half and pauses one interval; each success adds back 5% of the ceiling (AIMD).
-* :class:`AdaptiveRateLimiter` (``auto``): the quota is unknown. It starts low and grows while the
-  rate is what holds requests back (doubling per probe interval until the first throttle, then a
-  growth step that doubles every 4 quiet intervals, 1% to 25%). On a throttle it drops to just
-  under the success rate measured over the last window (what the quota let through), at most once
-  per cool-down, so a burst of 429s from requests already in flight counts as one signal.
+* :class:`AdaptiveRateLimiter` (``auto``): the quota is unknown. It measures it from the quota's
+  own behaviour: a token bucket that throttles is empty, so the requests it accepted between two
+  throttles are exactly what it refilled, quota × time. Cold, it slow-starts (doubling per half
+  second while the rate is what holds starts back) up to the first throttle, halves, and moves to
+  just under the measured quota as soon as a few requests measure it. Then it probes gently
+  upward, in steps counted in successes, so a low quota is not probed more often per request than
+  a high one. A :class:`StartRate` (a rate remembered from the last run, or a quota looked up)
+  skips the climb to it: trusted, the run starts there and only probes; untrusted, it slow-starts
+  on from there.
 
 Time comes from an injected :class:`~batch_upscaler.clock.Clock`, so tests run without sleeping.
 """
@@ -23,6 +27,7 @@ import asyncio
 import math
 from abc import ABC, abstractmethod
 from collections import deque
+from dataclasses import dataclass
 
 from batch_upscaler.clock import Clock, sleep_unless
 
@@ -72,9 +77,13 @@ class RateLimiter(ABC):
         events = () if stop is None else (stop,)
         while not self.try_start():
             self._on_wait()
-            if not await sleep_unless(self._clock, self.wait_needed(), *events):
+            if not await sleep_unless(self._clock, self._nap(), *events):
                 return False
         return stop is None or not stop.is_set()
+
+    def _nap(self) -> float:
+        """How long a waiting start sleeps before it looks again (a subclass may look sooner)."""
+        return self.wait_needed()
 
     def _on_wait(self) -> None:
         """A start had to wait: the rate, not the workers, is what limits throughput now."""
@@ -113,75 +122,175 @@ class FixedRateLimiter(RateLimiter):
         self._rpm = min(self.ceiling_rpm, self._rpm + self._step)
 
 
+@dataclass(frozen=True)
+class StartRate:
+    """A rate for ``auto`` to start at instead of finding the quota from scratch.
+
+    ``trusted``: the last run of the same job (same region and model) ended at this rate, recently
+    (pass that run's :attr:`AdaptiveRateLimiter.rate_to_remember`). The run starts there and probes
+    gently; its first throttle is a probe that went too far (a 5% cut; throttles that keep coming
+    halve the rate until they measure the quota). Untrusted (a rate remembered more than a week
+    ago, or Service Quotas' applied quota): the run starts there too but treats it as a guess,
+    checked both ways: it slow-starts on from it (no climb from 60/min), so the first throttle
+    halves the rate and the next ones measure the quota.
+    """
+
+    rpm: float
+    trusted: bool = False
+
+
 class AdaptiveRateLimiter(RateLimiter):
-    """Finds the highest rate the account's quota allows and stays just under it."""
+    """Finds the highest rate the account's quota allows and stays just under it.
+
+    The quota is measured, not guessed: each throttle is a moment the quota's token bucket was
+    empty, so between two of them it accepted exactly the tokens it refilled. From the most recent
+    earlier throttle with at least ``min_accepted`` accepted starts since, the estimate is
+    ``(starts - throttles) / elapsed``. A burst the bucket held at the start is not counted, as it
+    would be in a success rate.
+    """
 
     mode = "auto"
+    slow_start_step_s = 0.5  # cold: the rate doubles per step while it is what holds starts back
+    margin = 0.98  # settle this far under the measured quota
+    min_accepted = 4  # starts accepted since an earlier throttle before that interval measures the quota
+    window_s = 30.0  # throttles older than this are forgotten (the quota may have changed)
+    episode_s = 2.0  # throttles closer than this, or with fewer than episode_successes successes
+    episode_successes = 10  # between them, are one episode (one overshoot, however many 429s it has)
+    cooldown_s = 0.25  # blind cuts (no measurement yet) at most this often: requests already sent count once
+    probe_successes = 30  # a probe step: this many successes since the last one, and at least probe_s
+    probe_s = 2.0
+    recover_successes = 5  # a recovery step (well under the rate that was throttled): this many
 
-    def __init__(self, clock: Clock, *, start_rpm: float = 30.0, floor_rpm: float = 1.0,
-                 max_rpm: float = 60_000.0, window_s: float = 5.0, probe_interval_s: float = 2.0,
-                 margin: float = 0.97, cooldown_s: float = 4.0) -> None:
-        super().__init__(start_rpm, clock)
+    def __init__(self, clock: Clock, *, start: StartRate | None = None, start_rpm: float = 60.0,
+                 floor_rpm: float = 1.0, max_rpm: float = 60_000.0) -> None:
+        rpm = start_rpm if start is None else start.rpm
+        super().__init__(min(max_rpm, max(floor_rpm, rpm)), clock)
         self.floor_rpm, self.max_rpm = floor_rpm, max_rpm
-        self._window_s, self._probe_s = window_s, probe_interval_s
-        self._margin, self._cooldown_s = margin, cooldown_s
-        now = clock.now()
-        self._started = now
-        self._last_probe = now
+        trusted = start is not None and start.trusted
+        self._slow_start = not trusted  # a guessed start rate only skips the climb up to it
+        # The rate throttles showed to be too high; recovery climbs fast back towards it.
+        self._ceiling = self._rpm * 1.05 if trusted else math.inf
+        self._last_step = clock.now()
+        self._binding = False  # a start had to wait since the last step: the rate is the limit
+        self._quiet = 0  # probe steps since the last throttle
+        self._step_successes = 0
+        self._step_starts = 0
+        self._since_throttle = self.episode_successes
+        self._last_throttle = -math.inf
         self._last_cut = -math.inf
-        self._quiet = 0  # probe intervals since the last cut
-        self._slow_start = True
-        self._binding = False  # a start had to wait since the last probe: the rate is the limit
-        self._successes: deque[float] = deque()
+        self._starts = 0
+        self._marks: deque[tuple[float, int, int]] = deque()  # (time, starts, throttles) at each throttle
+        self.estimate_rpm: float | None = None  # the quota as last measured
         self.adjustments = 0  # rate cuts, for tests and the report
+
+    @property
+    def rate_to_remember(self) -> float:
+        """The rate a later run of the same job should start at (:class:`StartRate`, trusted)."""
+        if self.estimate_rpm is None:
+            return self._rpm
+        return min(self._rpm, self.estimate_rpm * self.margin)
+
+    def try_start(self) -> bool:
+        if not super().try_start():
+            return False
+        self._starts += 1
+        return True
 
     def _on_wait(self) -> None:
         super()._on_wait()
         self._binding = True
+        if self._slow_start:
+            self._grow(self._clock.now())
+
+    def _nap(self) -> float:
+        wait = self.wait_needed()
+        if not self._slow_start:
+            return wait
+        # A slow start doubles every step: look again at the next one, not a whole old interval later.
+        return min(wait, max(0.001, self._last_step + self.slow_start_step_s - self._clock.now()))
 
     def on_success(self) -> None:
-        now = self._clock.now()
-        self._successes.append(now)
-        while self._successes and self._successes[0] < now - self._window_s:
-            self._successes.popleft()
-        self._probe(now)
+        self._step_successes += 1
+        self._since_throttle += 1
+        self._grow(self._clock.now())
 
     def on_throttle(self, retry_after_s: float | None = None) -> None:
         self.throttles += 1
         now = self._clock.now()
-        if now - self._last_cut >= self._cooldown_s:
-            self._cut(now)
+        if self._marks and self._marks[-1][1] == self._starts:
+            self._marks.pop()  # no start since the last throttle: an echo of the same empty bucket
+        self._marks.append((now, self._starts, self.throttles))
+        while self._marks[0][0] < now - self.window_s:
+            self._marks.popleft()
+        new_episode = now - self._last_throttle >= self.episode_s and self._since_throttle >= self.episode_successes
+        self._last_throttle, self._since_throttle = now, 0
+        self._ceiling = self._rpm if new_episode else min(self._ceiling, self._rpm)
+        measured, at_most = self._measure(now)
+        if measured is not None:
+            self.estimate_rpm = measured
+            self._ceiling = min(self._ceiling, at_most)
+        target = self._target(now, new_episode, measured)
+        if target < self._rpm:
+            self._rpm = max(self.floor_rpm, target)
+            self._last_cut = now
+            self.adjustments += 1
+        self._slow_start = False
+        self._last_step, self._step_starts, self._quiet, self._step_successes = now, self._starts, 0, 0
+        self._binding = False
         self._hold(max(self.interval, retry_after_s or 0.0))
 
-    def _cut(self, now: float) -> None:
-        measured = self._success_rpm(now)
-        target = self._rpm * 0.8 if measured is None else measured * self._margin
-        # Always a real decrease, never a collapse from one odd measurement.
-        self._rpm = max(self.floor_rpm, self._rpm * 0.5, min(self._rpm * 0.95, target))
-        self._last_cut = now
-        self._last_probe = now
-        self._quiet = 0
-        self._slow_start = False
-        self.adjustments += 1
+    def _measure(self, now: float) -> tuple[float | None, float]:
+        """The quota, and the most it can be, from the most recent earlier throttle that enough accepted
+        starts separate from now (the bucket held less than one token at each end: ±1 token)."""
+        _, starts, throttles = self._marks[-1]
+        for at, starts_then, throttles_then in reversed(self._marks):
+            accepted = (starts - starts_then) - (throttles - throttles_then)
+            if accepted >= self.min_accepted and now > at:
+                return accepted / (now - at) * 60.0, (accepted + 1) / (now - at) * 60.0
+        return None, math.inf
 
-    def _success_rpm(self, now: float) -> float | None:
-        span = min(self._window_s, now - self._started)
-        if len(self._successes) < 5 or span <= 0:
-            return None
-        return len(self._successes) / span * 60.0
+    def _target(self, now: float, new_episode: bool, measured: float | None) -> float:
+        ready = now - self._last_cut >= self.cooldown_s
+        if new_episode and not self._slow_start:
+            # A probe went a step too far (or the quota moved): back under the measured quota, and
+            # never by more than 5% at once, because a measurement after quiet time can be low.
+            return self._rpm * 0.95 if measured is None else max(measured * self.margin, self._rpm * 0.95)
+        if not ready:
+            return self._rpm  # 429s of requests sent before the last cut
+        if measured is None:
+            return self._rpm * 0.5  # nothing measured yet: halve
+        target = measured * self.margin
+        return target if target < self._rpm else self._rpm * 0.9  # throttled under the measurement: stale
 
-    def _probe(self, now: float) -> None:
-        while now - self._last_probe >= self._probe_s:
-            self._last_probe += self._probe_s
+    def _grow(self, now: float) -> None:
+        """A growth step, if one is due: only while starts wait for the rate, and never past twice
+        what was sent in the step (when the workers are the limit, waits still happen when several
+        free up together, and the rate must not run away from them)."""
+        if self._slow_start:
+            if now - self._last_step < self.slow_start_step_s:
+                return
+            growth = 2.0
+        else:
+            recovering = math.isfinite(self._ceiling) and self._rpm < 0.9 * self._ceiling
+            needed = self.recover_successes if recovering else self.probe_successes
+            if self._step_successes < needed or now - self._last_step < self.probe_s:
+                return
             self._quiet += 1
-            if self._binding:
-                growth = 1.0 if self._slow_start else min(0.25, 0.01 * 2 ** (self._quiet / 4))
-                self._rpm = min(self.max_rpm, self._rpm * (1 + growth))
-            self._binding = False
+            if recovering:  # halfway back towards just under the rate that was throttled
+                growth = (self._rpm + 0.95 * self._ceiling) / 2 / self._rpm
+            else:  # 1% per step, doubling every 4 quiet steps, at most 25%
+                growth = 1 + min(0.25, 0.01 * 2 ** (self._quiet / 4))
+        sent = (self._starts - self._step_starts) / (now - self._last_step) * 60.0
+        if self._binding:
+            self._rpm = min(self.max_rpm, self._rpm * growth, max(self._rpm, 2 * sent))
+        self._last_step, self._step_starts, self._step_successes, self._binding = now, self._starts, 0, False
 
 
-def make_limiter(requests_per_minute: float | None, clock: Clock) -> RateLimiter:
-    """A fixed-ceiling limiter for a number, the adaptive one for ``None`` (``auto``)."""
+def make_limiter(requests_per_minute: float | None, clock: Clock, start: StartRate | None = None) -> RateLimiter:
+    """A fixed-ceiling limiter for a number, the adaptive one for ``None`` (``auto``), from ``start`` if given.
+
+    ``start`` is ignored for a number: the manifest's rate is the ceiling the user asked for.
+    """
     if requests_per_minute is None:
-        return AdaptiveRateLimiter(clock)
+        return AdaptiveRateLimiter(clock, start=start)
     return FixedRateLimiter(requests_per_minute, clock)

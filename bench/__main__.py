@@ -17,12 +17,13 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import auto, baselines, cost, known, scale
+from bench import auto, baselines, cold, cost, known, remembered, scale
 from bench.table import ScenarioResult, render, render_checks, save
 from bench.workspace import DEFAULT_OUT, Workspace
 
 SCENARIOS: dict[str, Callable[[Workspace], ScenarioResult]] = {
-    "known": known.run, "auto": auto.run, "baselines": baselines.run, "cost": cost.run, "scale": scale.run,
+    "known": known.run, "auto": auto.run, "cold": cold.run, "remembered": remembered.run,
+    "baselines": baselines.run, "cost": cost.run, "scale": scale.run,
 }
 
 

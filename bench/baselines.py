@@ -26,9 +26,19 @@ from PIL import Image
 
 from bench import job
 from bench.accounting import summarize
-from bench.emulator_process import EmulatorProcess
+from bench.emulator_process import EmulatorProcess, EmulatorSpec
 from bench.table import Check, Row, ScenarioResult
-from bench.throughput import COLUMNS, CONCURRENCY, EMULATOR, QUOTA_RPM, corpus, measure_runner, slug, traffic_row
+from bench.throughput import (
+    COLUMNS,
+    CONCURRENCY,
+    EMULATOR,
+    QUOTA_RPM,
+    corpus,
+    emulator_ceiling,
+    measure_runner,
+    slug,
+    traffic_row,
+)
 from bench.workspace import Workspace
 
 IMAGES, SMOKE_IMAGES = 300, 6
@@ -87,24 +97,27 @@ async def naive_gather(endpoint_url: str, images: list[Path], out: Path, deadlin
     return failed
 
 
-def _gather_loop(mode: str) -> Callable[[str, list[Path], Path, float], int]:
-    def loop(endpoint_url: str, images: list[Path], out: Path, deadline: float) -> int:
-        return asyncio.run(naive_gather(endpoint_url, images, out, deadline, mode))
-    return loop
-
-
-def _measure_baseline(workspace: Workspace, variant: str, images: int, cap_s: float,
-                      loop: Callable[[str, list[Path], Path, float], int]) -> Row:
+def measure_baseline(workspace: Workspace, variant: str, images: int, cap_s: float,
+                     loop: Callable[[str, list[Path], Path, float], int],
+                     emulator_spec: EmulatorSpec = EMULATOR) -> Row:
+    """One of the loops above on ``images`` distinct inputs against a fresh emulator."""
     inputs = sorted(corpus(workspace, images).glob("*.png"))
     work = workspace.fresh(slug(variant))
     out = work / "out"
     out.mkdir()
-    with EmulatorProcess(EMULATOR, work / "requests.jsonl") as emulator:
+    with EmulatorProcess(emulator_spec, work / "requests.jsonl") as emulator:
         started = time.monotonic()
         failed = loop(emulator.endpoint_url, inputs, out, started + cap_s)
         elapsed = time.monotonic() - started
         traffic = summarize(emulator.records())
-    return traffic_row(variant, images, traffic, elapsed, failed)
+    return traffic_row(variant, images, traffic, elapsed, failed, emulator_ceiling(emulator_spec))
+
+
+def gather_loop(mode: str) -> Callable[[str, list[Path], Path, float], int]:
+    """(b)/(c) as a loop for :func:`measure_baseline`: ``mode`` is botocore's retry mode."""
+    def loop(endpoint_url: str, images: list[Path], out: Path, deadline: float) -> int:
+        return asyncio.run(naive_gather(endpoint_url, images, out, deadline, mode))
+    return loop
 
 
 def run(workspace: Workspace) -> ScenarioResult:
@@ -112,11 +125,9 @@ def run(workspace: Workspace) -> ScenarioResult:
     images = SMOKE_IMAGES if workspace.smoke else IMAGES
     cap = SMOKE_TIME_CAP_S if workspace.smoke else TIME_CAP_S
     rows = [
-        _measure_baseline(workspace, "(a) sequential boto3 (seed)", images, cap, sequential_boto3),
-        _measure_baseline(workspace, "(b) gather+Semaphore(16), standard", images, cap,
-                          _gather_loop("standard")),
-        _measure_baseline(workspace, "(c) gather+Semaphore(16), adaptive", images, cap,
-                          _gather_loop("adaptive")),
+        measure_baseline(workspace, "(a) sequential boto3 (seed)", images, cap, sequential_boto3),
+        measure_baseline(workspace, "(b) gather+Semaphore(16), standard", images, cap, gather_loop("standard")),
+        measure_baseline(workspace, "(c) gather+Semaphore(16), adaptive", images, cap, gather_loop("adaptive")),
         measure_runner(workspace, f"runner rpm={QUOTA_RPM:g}", QUOTA_RPM, images, time_cap_s=cap),
         measure_runner(workspace, "runner rpm=auto", "auto", images, time_cap_s=cap),
     ]

@@ -6,17 +6,23 @@ at an emulator's ``endpoint_url`` and dummy AWS keys, so signing, HTTP and parsi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import yaml
 
+from batch_upscaler import runner
 from batch_upscaler.checkpoint import ItemState
+from batch_upscaler.clock import Clock
 from batch_upscaler.manifest import load_settings
+from batch_upscaler.ratelimit import RateLimiter, StartRate, make_limiter
 from batch_upscaler.runner import run_job
 from batch_upscaler.settings import RunOptions
 
@@ -111,6 +117,24 @@ def run_manifest(manifest: Path, max_duration_s: float | None = None) -> JobRun:
                   exit_code=int(result.exit_code), succeeded=counts[ItemState.SUCCEEDED],
                   failed=counts[ItemState.FAILED], pending=counts[ItemState.PENDING],
                   requests=result.requests, throttles=result.throttles)
+
+
+@contextlib.contextmanager
+def limiters(start: StartRate | None = None) -> Iterator[list[RateLimiter]]:
+    """Runs inside build their rate limiter with ``start`` and list it in the yielded list.
+
+    The runner does not pass a start rate yet (where one comes from, the checkpoint or Service
+    Quotas, is wired separately), so a benchmark that needs one patches ``runner.make_limiter``.
+    """
+    made: list[RateLimiter] = []
+
+    def make(requests_per_minute: float | None, clock: Clock, _start: StartRate | None = None) -> RateLimiter:
+        limiter = make_limiter(requests_per_minute, clock, start)
+        made.append(limiter)
+        return limiter
+
+    with mock.patch.object(runner, "make_limiter", make):
+        yield made
 
 
 class _ScanWatcher(logging.Handler):

@@ -49,25 +49,39 @@ def corpus(workspace: Workspace, images: int) -> Path:
     return distinct_pngs(workspace.corpus_dir(f"throughput-{images}"), images, INPUT_SIDE)
 
 
-def traffic_row(variant: str, images: int, traffic: Traffic, elapsed_s: float, failed: int) -> Row:
+def emulator_ceiling(emulator: EmulatorSpec, concurrency: int = CONCURRENCY) -> float:
+    """min(quota, concurrency / median latency) for an emulator set-up, in requests per minute."""
+    latency = emulator.latency_median_s if emulator.latency_median_s is not None else emulator.latency_s
+    return ceiling_rpm(emulator.quota_rpm, concurrency, latency)
+
+
+def traffic_row(variant: str, images: int, traffic: Traffic, elapsed_s: float, failed: int,
+                ceiling: float = CEILING_RPM) -> Row:
     return {"variant": variant, "images": images, "succeeded": traffic.successes, "failed": failed,
             "not_done": images - traffic.successes - failed, "requests": traffic.requests,
             "throttled": traffic.throttled, "throttled_pct": traffic.throttled_pct, "elapsed_s": elapsed_s,
-            "goodput_rpm": traffic.goodput_rpm, "ceiling_rpm": CEILING_RPM,
-            "ratio": traffic.goodput_rpm / CEILING_RPM, "window_s": traffic.window_s}
+            "goodput_rpm": traffic.goodput_rpm, "ceiling_rpm": ceiling,
+            "ratio": traffic.goodput_rpm / ceiling, "window_s": traffic.window_s}
 
 
 def measure_runner(workspace: Workspace, variant: str, rpm: float | str, images: int,
-                   time_cap_s: float | None = None) -> Row:
-    """The real runner (in this process) on ``images`` distinct inputs against a fresh emulator."""
-    inputs = corpus(workspace, images)
-    name = slug(variant)
-    work = workspace.fresh(name)
-    with EmulatorProcess(EMULATOR, work / "requests.jsonl") as emulator:
+                   time_cap_s: float | None = None, emulator_spec: EmulatorSpec = EMULATOR,
+                   inputs: Path | None = None, work: Path | None = None, name: str | None = None) -> Row:
+    """The real runner (in this process) on ``images`` distinct inputs against a fresh emulator.
+
+    ``inputs``, ``work`` and ``name`` default to a cached corpus, a fresh work folder and the
+    variant's slug; passing the same ``work`` and ``name`` again runs the same job again (its
+    checkpoint, outputs and emulator log in that folder), which is how a nightly top-up looks.
+    """
+    inputs = corpus(workspace, images) if inputs is None else inputs
+    name = slug(variant) if name is None else name
+    work = workspace.fresh(name) if work is None else work
+    log = work / f"requests-{slug(variant)}.jsonl"
+    with EmulatorProcess(emulator_spec, log) as emulator:
         spec = job.JobSpec(name=name, sources=inputs, work_dir=work,
                            endpoint_url=emulator.endpoint_url, concurrency=CONCURRENCY, requests_per_minute=rpm)
         run = job.run(spec, max_duration_s=time_cap_s)
         traffic = summarize(emulator.records())
-    row = traffic_row(variant, images, traffic, run.elapsed_s, run.failed)
+    row = traffic_row(variant, images, traffic, run.elapsed_s, run.failed, emulator_ceiling(emulator_spec))
     row |= {"runner_requests": run.requests, "runner_throttles": run.throttles, "exit_code": run.exit_code}
     return row

@@ -1,6 +1,6 @@
 """Each benchmark scenario's smoke version runs and reports sane figures (the full runs are not tests).
 
-The five smoke runs are started together as separate ``python -m bench <scenario> --smoke``
+The smoke runs are started together as separate ``python -m bench <scenario> --smoke``
 processes (most of their time is the emulator's latency, so they overlap well), each writing its
 JSON into its own temporary folder; each test then checks one scenario's result.
 """
@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import REPO
 
-SCENARIOS = ("known", "auto", "baselines", "cost", "scale")
+SCENARIOS = ("known", "auto", "cold", "remembered", "baselines", "cost", "scale")
 TIMEOUT_S = 110
 
 
@@ -76,6 +76,22 @@ def test_baselines_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
         assert row["succeeded"] + row["failed"] + row["not_done"] == row["images"]
         assert row["requests"] >= row["succeeded"] and row["goodput_rpm"] >= 0
     assert all(row["failed"] == 0 and row["succeeded"] > 0 for row in rows[3:])
+
+
+def test_cold_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
+    runner, baseline, known = _rows(_result(smoke_results, "cold"), THROUGHPUT_COLUMNS | {"vs_baseline"})
+    assert "auto" in runner["variant"] and "adaptive" in baseline["variant"] and "known" in known["variant"]
+    for row in (runner, baseline, known):
+        assert row["succeeded"] == row["images"] and row["failed"] == 0 and row["ceiling_rpm"] == 600
+    assert baseline["vs_baseline"] == 1.0 and runner["vs_baseline"] > 0
+
+
+def test_remembered_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
+    rows = _rows(_result(smoke_results, "remembered"), THROUGHPUT_COLUMNS | {"start_rpm", "remember_rpm"})
+    assert [row["variant"][:2] for row in rows] == ["1.", "2.", "3."]
+    assert all(row["succeeded"] == row["images"] and row["failed"] == 0 for row in rows)
+    assert rows[0]["start_rpm"] is None and rows[1]["start_rpm"] == rows[0]["remember_rpm"] > 0
+    assert rows[2]["start_rpm"] == 600
 
 
 def test_cost_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:

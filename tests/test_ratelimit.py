@@ -1,12 +1,21 @@
-"""The request-rate limiter with a fake clock: exact spacing, cut on throttle, recovery, ceiling."""
+"""The request-rate limiter with a fake clock: exact spacing, cut on throttle, recovery, ceiling.
+
+The adaptive controller is also simulated against a token-bucket quota: workers that hold a
+request for a latency, 429s answered at once and retried after the pool's back-off, all on the
+fake clock (no sleeping), and its convergence time and throttled share are asserted.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import random
+from dataclasses import dataclass, field
 
 import pytest
 
-from batch_upscaler.ratelimit import AdaptiveRateLimiter, FixedRateLimiter
+from batch_upscaler.ratelimit import AdaptiveRateLimiter, FixedRateLimiter, StartRate, make_limiter
+from batch_upscaler.retry import Backoff
 from tests.conftest import FakeClock
 
 
@@ -178,3 +187,185 @@ def test_late_wakeups_do_not_slow_the_rate(clock: FakeClock) -> None:
     clock.advance(1.05)  # the timer fired 50 ms late
     assert limiter.try_start()
     assert limiter.wait_needed() == pytest.approx(0.95)  # the next slot is still at 2.0 s
+
+
+# ---- the quota measured from throttles, and the cold start ---------------------------------------
+
+def test_two_throttles_measure_the_quota_from_the_starts_between_them(clock: FakeClock) -> None:
+    limiter = AdaptiveRateLimiter(clock, start=StartRate(6000, trusted=True))
+    assert limiter.try_start()
+    limiter.on_throttle()  # the bucket is empty now
+    for _ in range(15):
+        limiter.on_throttle()  # 429s of requests already on the wire: no start since, the same empty bucket
+    for _ in range(10):  # the bucket refills 10 tokens in 1.1 s, and these 10 starts take them
+        clock.advance(0.1)
+        assert limiter.try_start()
+    clock.advance(0.1)
+    assert limiter.try_start()
+    limiter.on_throttle()  # empty again: 10 accepted in 1.1 s
+    assert limiter.estimate_rpm == pytest.approx(10 / 1.1 * 60)
+    assert limiter.rpm == pytest.approx(10 / 1.1 * 60 * limiter.margin)  # just under it
+    assert limiter.rate_to_remember == limiter.rpm
+
+
+def test_a_cold_start_doubles_every_half_second_while_the_rate_holds_starts_back(clock: FakeClock) -> None:
+    limiter = AdaptiveRateLimiter(clock)
+    starts: list[float] = []
+
+    async def go() -> None:
+        while clock.now() < 1002.0:
+            await limiter.acquire()
+            starts.append(round(clock.now() - 1000, 4))
+
+    asyncio.run(go())
+    # 60, 120, 240, 480 RPM over four half seconds: a waiting start looks again at every doubling
+    # instead of sleeping a whole interval of the old rate (2 s at the first one).
+    assert starts == [0.0, 0.5, 1.0, 1.25, 1.5, 1.625, 1.75, 1.875, 2.0]
+    assert limiter.rpm == 480
+
+
+def test_the_first_throttle_of_a_cold_start_halves_then_the_measurement_takes_over(clock: FakeClock) -> None:
+    limiter = AdaptiveRateLimiter(clock, start_rpm=1200)
+    assert limiter.try_start()
+    limiter.on_throttle()
+    assert limiter.rpm == 600 and limiter.estimate_rpm is None
+
+
+def test_a_throttle_after_quiet_probing_cuts_at_most_five_percent(clock: FakeClock) -> None:
+    limiter = AdaptiveRateLimiter(clock, start=StartRate(600, trusted=True))
+    assert limiter.try_start()
+    limiter.on_throttle()
+    assert limiter.rpm == pytest.approx(570)  # one probe too far, not a collapse
+
+
+def test_make_limiter_starts_auto_from_a_remembered_rate(clock: FakeClock) -> None:
+    assert make_limiter(None, clock).rpm == 60
+    assert make_limiter(None, clock, StartRate(500, trusted=True)).rpm == 500
+    assert make_limiter(None, clock, StartRate(500)).rpm == 500
+    fixed = make_limiter(30, clock, StartRate(500, trusted=True))
+    assert isinstance(fixed, FixedRateLimiter) and fixed.rpm == 30  # a number is the user's ceiling
+
+
+# ---- simulation: workers, latency and a token-bucket quota on the fake clock -------------------
+
+@dataclass
+class Simulated:
+    """What a simulated run saw: the limiter's rate after every answer, and the answers."""
+
+    rates: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, rpm)
+    successes: list[float] = field(default_factory=list)  # seconds since start of each success
+    throttles: int = 0
+
+    @property
+    def throttled_share(self) -> float:
+        return self.throttles / (len(self.successes) + self.throttles)
+
+    def settled_by(self, quota_rpm: float, within: float = 0.10) -> float:
+        """When the rate last left quota ± ``within`` (0.0: it never did)."""
+        return max((at for at, rpm in self.rates if abs(rpm - quota_rpm) > within * quota_rpm), default=0.0)
+
+    def goodput_rpm(self, since: float, until: float) -> float:
+        return sum(since <= at < until for at in self.successes) / (until - since) * 60
+
+
+def simulate(limiter: AdaptiveRateLimiter, clock: FakeClock, quota: Quota, workers: int, latency_s: float,
+             seconds: float, seed: int = 0) -> Simulated:
+    """``workers`` workers as pool.py runs them, sending for ``seconds``: each takes a start, then the
+    quota answers a 429 at once (after 5 ms) or the image after a lognormal latency (median
+    ``latency_s``, sigma 0.3); a throttled request is retried after the pool's back-off, holding its
+    worker meanwhile."""
+    rng, backoff, seen, began = random.Random(seed), Backoff(2.0, 60.0), Simulated(), clock.now()
+
+    async def worker() -> None:
+        attempt = 0
+        while clock.now() - began < seconds:
+            await limiter.acquire()
+            if quota.take():
+                await clock.sleep(latency_s * math.exp(0.3 * rng.gauss(0.0, 1.0)))
+                limiter.on_success()
+                seen.successes.append(clock.now() - began)
+                attempt = 0
+            else:
+                await clock.sleep(0.005)
+                limiter.on_throttle()
+                seen.throttles += 1
+                attempt += 1
+                await clock.sleep(backoff.delay(attempt, rng))
+            seen.rates.append((clock.now() - began, limiter.rpm))
+
+    async def main() -> None:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(workers):
+                group.create_task(worker())
+
+    asyncio.run(main())
+    return seen
+
+
+@pytest.mark.parametrize(("quota_rpm", "workers", "latency_s"), [
+    (60, 1, 0.2), (60, 4, 1.0), (60, 16, 3.0),
+    (600, 4, 0.2), (600, 16, 0.2), (600, 16, 0.5), (600, 64, 3.0),
+    (3000, 16, 0.2), (3000, 64, 1.0),
+])
+def test_auto_converges_to_a_token_bucket_quota(clock: FakeClock, quota_rpm: float, workers: int,
+                                                latency_s: float) -> None:
+    """Cold, against a bucket holding one second of quota: within 10% of the quota after 15 s and
+    there for the rest of 5 minutes, 97% of the quota used meanwhile, at most 3% of the requests
+    throttled (the slow start's overshoot included), and a rate to remember just under the quota."""
+    quota = Quota(clock, quota_rpm, burst=max(2, quota_rpm / 60))
+    limiter = AdaptiveRateLimiter(clock)
+    seen = simulate(limiter, clock, quota, workers, latency_s, seconds=300)
+    assert seen.settled_by(quota_rpm) <= 15
+    assert seen.goodput_rpm(15, 300) >= 0.97 * quota_rpm
+    assert seen.throttled_share <= 0.03
+    assert 0.95 * quota_rpm <= limiter.rate_to_remember <= quota_rpm
+
+
+def test_a_short_cold_run_reaches_the_quota_in_a_few_seconds(clock: FakeClock) -> None:
+    """The nightly top-up of issue 13, simulated: 30 s of sending at 600 RPM, 16 workers, 0.2 s latency,
+    a 10-request burst."""
+    quota = Quota(clock, 600, burst=10)
+    seen = simulate(AdaptiveRateLimiter(clock), clock, quota, workers=16, latency_s=0.2, seconds=30)
+    assert seen.settled_by(600) <= 8
+    assert seen.goodput_rpm(0, 30) >= 0.95 * 600
+    assert seen.throttles <= 9  # 3% of 300
+
+
+def test_auto_does_not_run_away_from_what_the_workers_can_send(clock: FakeClock) -> None:
+    """4 workers at 1 s latency send about 240 RPM: the rate grows only while starts wait for it, and
+    never past twice what was sent in a step, so it neither probes a 600 RPM quota nor runs off to
+    60,000 (starts still wait now and then, when several workers free up together)."""
+    quota = Quota(clock, 600, burst=10)
+    limiter = AdaptiveRateLimiter(clock)
+    seen = simulate(limiter, clock, quota, workers=4, latency_s=1.0, seconds=120)
+    assert seen.throttles == 0 and limiter.rpm <= 4 * 240
+
+
+def lowest_rate(seen: Simulated, after: float) -> float:
+    return min(rpm for at, rpm in seen.rates if at >= after)
+
+
+@pytest.mark.parametrize("remembered", [588.0, 600.0])
+def test_a_trusted_start_begins_at_the_remembered_rate(clock: FakeClock, remembered: float) -> None:
+    """No slow start and no deep cut: 2 minutes at 600 RPM, never under 95% of it, at most 1% throttled."""
+    quota = Quota(clock, 600, burst=10)
+    limiter = AdaptiveRateLimiter(clock, start=StartRate(remembered, trusted=True))
+    assert limiter.rpm == remembered
+    seen = simulate(limiter, clock, quota, workers=16, latency_s=0.2, seconds=120)
+    assert lowest_rate(seen, after=0) >= 0.95 * 600
+    assert seen.goodput_rpm(0, 120) >= 0.99 * 600
+    assert seen.throttled_share <= 0.01
+
+
+@pytest.mark.parametrize("guess", [150.0, 600.0, 2400.0])
+def test_an_untrusted_start_is_a_guess_that_is_checked(clock: FakeClock, guess: float) -> None:
+    """From a week-old memory or Service Quotas: starts there and slow-starts on from it (no climb
+    from 60 RPM), the first throttle halves as at the end of a cold slow start, and the quota is
+    measured within a few seconds, too low a guess or too high."""
+    quota = Quota(clock, 600, burst=10)
+    limiter = AdaptiveRateLimiter(clock, start=StartRate(guess, trusted=False))
+    assert limiter.rpm == guess
+    seen = simulate(limiter, clock, quota, workers=16, latency_s=0.2, seconds=120)
+    assert lowest_rate(seen, after=5) >= 0.9 * 600
+    assert seen.goodput_rpm(0, 120) >= 0.98 * 600
+    assert seen.throttled_share <= 0.02
