@@ -44,6 +44,7 @@ class ClientSettings:
     connect_timeout_s: float
     # Explicit keys are only for the local emulator; real runs use the default credential chain.
     static_credentials: tuple[str, str] | None = None
+    quotas_endpoint_url: str | None = None  # Service Quotas (quotas.py); the embedded emulator answers it too
 
 
 @asynccontextmanager

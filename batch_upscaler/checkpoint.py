@@ -89,7 +89,11 @@ CREATE TABLE IF NOT EXISTS runs (
     spent_usd REAL,
     stop_reason TEXT,
     s3_requests INTEGER,
-    s3_retries INTEGER
+    s3_retries INTEGER,
+    start_rpm REAL,
+    rate_key TEXT,
+    remembered_rpm REAL,
+    rate_measured INTEGER
 );
 """
 # Created after the additive migration, since they may index columns an older checkpoint lacks.
@@ -118,6 +122,16 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
 
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunRate:
+    """What a run of ``auto`` started at and leaves the next run (ratememory.py decides both)."""
+
+    start_rpm: float | None = None
+    key: str | None = None  # backend, profile, region and model: runs with the same key share a rate
+    remembered_rpm: float | None = None  # job-wide (a shard's rate × shard count)
+    measured: bool | None = None  # the run hit the quota and measured it
 
 
 class ItemState(StrEnum):
@@ -649,13 +663,24 @@ class Checkpoint:
     def finish_run(self, run_id: int, exit_code: int, requests: int, throttles: int, *,
                    rate_mode: str | None = None, final_rpm: float | None = None, spent_usd: float = 0.0,
                    stop_reason: str | None = None, s3_requests: int | None = None,
-                   s3_retries: int | None = None) -> None:
+                   s3_retries: int | None = None, rate: RunRate | None = None) -> None:
+        rate = rate or RunRate()
         with self._transaction() as conn:
             conn.execute("UPDATE runs SET finished_at = ?, exit_code = ?, requests = ?, throttles = ?, "
                          "rate_mode = ?, final_rpm = ?, spent_usd = ?, stop_reason = ?, s3_requests = ?, "
-                         "s3_retries = ? WHERE id = ?",
+                         "s3_retries = ?, start_rpm = ?, rate_key = ?, remembered_rpm = ?, rate_measured = ? "
+                         "WHERE id = ?",
                          (self._now(), exit_code, requests, throttles, rate_mode, final_rpm, spent_usd,
-                          stop_reason, s3_requests, s3_retries, run_id))
+                          stop_reason, s3_requests, s3_retries, rate.start_rpm, rate.key, rate.remembered_rpm,
+                          None if rate.measured is None else int(rate.measured), run_id))
+
+    def last_rate(self, key: str) -> tuple[float, bool, float] | None:
+        """(rpm, measured, when) the latest finished run with ``key`` (backend, region, model) left
+        for the next one to start at, preferring a measured rate to a later unmeasured one."""
+        row = self._conn.execute(
+            "SELECT remembered_rpm, rate_measured, finished_at FROM runs WHERE rate_key = ? AND remembered_rpm"
+            " IS NOT NULL AND finished_at IS NOT NULL ORDER BY rate_measured DESC, id DESC LIMIT 1", (key,)).fetchone()
+        return None if row is None else (float(row[0]), bool(row[1]), float(row[2]))
 
     # ---- the merge's scratch checkpoint -------------------------------------------------------
     def import_items(self, items: Iterable[Mapping[str, Any]]) -> None:

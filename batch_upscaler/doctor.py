@@ -34,6 +34,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, ProfileNotFound
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from batch_upscaler.quotas import SERVICE_CODE, QuotaTarget, pick
 from batch_upscaler.settings import JobSettings
 
 SUPPORTED_REGIONS = ("us-east-1", "us-east-2", "us-west-2")  # reference §1.3: the `us.` profile's regions
@@ -46,12 +47,14 @@ REGION = "region"
 ENDPOINT = "endpoint"
 PROFILE = "inference profile"
 ACCESS = "model access"
+QUOTA = "quota"
 
 # Which earlier checks each check needs; a failed or skipped prerequisite skips it.
 _NEEDS: Mapping[str, tuple[str, ...]] = {
     IDENTITY: (CREDENTIALS,),
     PROFILE: (CREDENTIALS, IDENTITY, REGION),
     ACCESS: (CREDENTIALS, IDENTITY, REGION),
+    QUOTA: (CREDENTIALS, REGION),
 }
 _PROBE_BODY = b"{}"  # deliberately invalid: validated, never run, never billed
 _NOT_BILLED = "no image was generated and nothing was billed"
@@ -105,6 +108,8 @@ class DoctorOptions:
     profile_prefix: str = "us"  # the inference-profile prefix the Stability upscalers exist under
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0
+    quota: QuotaTarget | None = None  # set: also read the model's applied RPM quota from Service Quotas
+    quotas_endpoint_url: str | None = None  # Service Quotas; None: the control endpoint, else botocore's
 
     @property
     def suggested_model_id(self) -> str:
@@ -118,6 +123,7 @@ def options_from_settings(settings: JobSettings, *, control_endpoint_url: str | 
         base_model_id=settings.model.base_id, runtime_endpoint_url=settings.endpoint_url,
         control_endpoint_url=control_endpoint_url, region_source=settings.aws.region,
         endpoint_source=settings.aws.endpoint, connect_timeout_s=settings.limits.connect_timeout_s,
+        quota=QuotaTarget.of(settings), quotas_endpoint_url=settings.quotas_endpoint_url,
     )
 
 
@@ -141,6 +147,8 @@ def run_checks(options: DoctorOptions, session: boto3.session.Session | None = N
         (PROFILE, lambda: check_inference_profile(_usable(opened), options)),
         (ACCESS, lambda: check_model_access(_usable(opened), options)),
     ]
+    if options.quota is not None:
+        steps.append((QUOTA, lambda: check_quota(_usable(opened), options)))
     done: dict[str, CheckResult] = {}
     for name, step in steps:
         blocker = _blocker(name, done)
@@ -286,6 +294,31 @@ def check_model_access(session: boto3.session.Session, options: DoctorOptions) -
     response["body"].close()
     return CheckResult(ACCESS, Status.WARN, f"InvokeModel on {options.model_id} accepted an empty body: access "
                        "works, but this endpoint does not validate requests the way Bedrock does")
+
+
+def check_quota(session: boto3.session.Session, options: DoctorOptions) -> CheckResult:
+    """The model's applied requests-per-minute quota, read from Service Quotas (``auto`` starts from it)."""
+    assert options.quota is not None
+    target = options.quota
+    try:
+        where = options.quotas_endpoint_url or options.control_endpoint_url
+        client = _client(session, "service-quotas", options, where)
+        if target.code:
+            found = pick([client.get_service_quota(ServiceCode=SERVICE_CODE, QuotaCode=target.code)["Quota"]], target)
+        else:
+            pages = client.get_paginator("list_service_quotas").paginate(ServiceCode=SERVICE_CODE)
+            found = next((q for page in pages if (q := pick(page.get("Quotas", []), target))), None)
+    except (ClientError, BotoCoreError, ValueError) as exc:
+        fix = ("allow servicequotas:ListServiceQuotas and servicequotas:GetServiceQuota (optional: "
+               "requests_per_minute: auto then starts at the quota)" if _code(exc) == "AccessDeniedException"
+               else f"check by hand: `aws service-quotas list-service-quotas --service-code bedrock "
+                    f"--region {options.region}`")
+        return CheckResult(QUOTA, Status.WARN, f"could not read the applied quota ({_describe(exc)})", fix=fix)
+    if found is None:
+        wanted = f"code {target.code}" if target.code else f"'{target.kind} … {target.model_word} … upscale'"
+        return CheckResult(QUOTA, Status.WARN, f"Service Quotas lists no {wanted} in {options.region}",
+                           fix="set limits.quota_code to the quota's code (see README, 'Rate')")
+    return CheckResult(QUOTA, Status.OK, f"{found.rpm:g} requests/min applied ({found.name}, {found.code})")
 
 
 # --- InvokeModel answers -----------------------------------------------------------------------

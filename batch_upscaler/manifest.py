@@ -49,10 +49,11 @@ Check = Callable[[Any], str | None]
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "backend": "bedrock",
     "output": {"format": "png", "name_compare": "casefold", "shared": False},
-    "bedrock": {"region": "us-east-1", "endpoint_url": None, "profile": None},
+    "bedrock": {"region": "us-east-1", "endpoint_url": None, "profile": None, "quotas_endpoint_url": None},
     "limits": {"concurrency": 4, "requests_per_minute": 30, "max_attempts": 6,
                "read_timeout_s": 300, "connect_timeout_s": 10, "backoff_base_s": 2, "backoff_max_s": 60,
-               "retry_after_max_s": 60, "possibly_billed_resends": 1, "outage_errors": 8, "outage_wait": "15m"},
+               "retry_after_max_s": 60, "possibly_billed_resends": 1, "outage_errors": 8, "outage_wait": "15m",
+               "remembered_rate_max_age": "7d", "quota_lookup": True, "quota_code": None},
     "region_prefixes": {"us-east-1": "us", "us-east-2": "us", "us-west-2": "us"},
     "models": {},
     "emulator": {"output_max_pixels": None, "latency_s": 0, "quota_rpm": None},
@@ -128,6 +129,13 @@ def local_path(v: Any) -> str | None:
                          if is_s3(v) else None)
 
 
+def quota_code(v: Any) -> str | None:
+    """A Service Quotas code such as ``L-1A2B3C4D``."""
+    if isinstance(v, str) and re.fullmatch(r"L-[0-9A-F]{8}", v):
+        return None
+    return f"must be a Service Quotas code like L-1A2B3C4D, got {v!r}"
+
+
 def job_name(v: Any) -> str | None:
     if isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
         return None
@@ -135,17 +143,18 @@ def job_name(v: Any) -> str | None:
 
 
 def parse_duration(value: float | int | str) -> float:
-    """Seconds from a number, or from text such as '3600', '90s', '45m', '6h' or '1h30m'."""
+    """Seconds from a number, or from text such as '3600', '90s', '45m', '6h', '1h30m' or '7d'."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         if value < 0 or not math.isfinite(value):
             raise ValueError(f"not a duration: {value!r}")
         return float(value)
     text = str(value).strip()
-    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?"
+                         r"(?:(\d+(?:\.\d+)?)s?)?", text)
     if not text or match is None:
-        raise ValueError(f"not a duration: {value!r} (use e.g. 3600, 90m, 5h30m)")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    return hours * 3600 + minutes * 60 + seconds
+        raise ValueError(f"not a duration: {value!r} (use e.g. 3600, 90m, 5h30m, 7d)")
+    days, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return days * 86400 + hours * 3600 + minutes * 60 + seconds
 
 
 def duration(v: Any) -> str | None:
@@ -190,8 +199,12 @@ _LIMITS = {
     "outage_errors": Key(number(1, whole=True)),
     "outage_wait": Key(duration),
     "shard_rpm": Key(optional(number(above=0))),
+    "remembered_rate_max_age": Key(duration),
+    "quota_lookup": Key(boolean),
+    "quota_code": Key(optional(quota_code)),
 }
-_BEDROCK = {"region": Key(is_str), "endpoint_url": Key(optional(url)), "profile": Key(optional(is_str))}
+_BEDROCK = {"region": Key(is_str), "endpoint_url": Key(optional(url)), "profile": Key(optional(is_str)),
+            "quotas_endpoint_url": Key(optional(url))}
 _EMULATOR = {
     "output_max_pixels": Key(optional(number(1, whole=True))),
     "latency_s": Key(number(0)),
@@ -454,7 +467,9 @@ def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: di
                     retry_after_max_s=float(lim["retry_after_max_s"]),
                     possibly_billed_resends=int(lim["possibly_billed_resends"]),
                     outage_errors=int(lim["outage_errors"]), outage_wait_s=parse_duration(lim["outage_wait"]),
-                    shard_rpm=None if lim.get("shard_rpm") is None else float(lim["shard_rpm"]))
+                    shard_rpm=None if lim.get("shard_rpm") is None else float(lim["shard_rpm"]),
+                    remembered_rate_max_age_s=parse_duration(lim["remembered_rate_max_age"]),
+                    quota_lookup=bool(lim["quota_lookup"]), quota_code=lim.get("quota_code"))
     return JobSettings(
         name=merged["name"],
         manifest_path=manifest_path.resolve(),
@@ -469,6 +484,7 @@ def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: di
         backend=Backend(merged["backend"]),
         region=merged["bedrock"]["region"],
         endpoint_url=merged["bedrock"]["endpoint_url"],
+        quotas_endpoint_url=merged["bedrock"].get("quotas_endpoint_url"),
         profile=merged["bedrock"]["profile"],
         aws=sources,
         limits=limits,

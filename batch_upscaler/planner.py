@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -20,8 +21,10 @@ from aiobotocore.session import AioSession
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState, WorkItem
 from batch_upscaler.progress import human_duration
-from batch_upscaler.runner import prepare_items
-from batch_upscaler.settings import JobSettings, RunOptions, request_fingerprint
+from batch_upscaler.quotas import AppliedQuota, applied_quota
+from batch_upscaler.ratememory import StartChoice, decide_start, memory_key
+from batch_upscaler.runner import prepare_items, shard_rate
+from batch_upscaler.settings import Backend, JobSettings, RunOptions, request_fingerprint
 from batch_upscaler.shards import Shard
 from batch_upscaler.signals import StopSignals
 from batch_upscaler.storage.edge import Storage, open_storage
@@ -47,7 +50,8 @@ class Plan:
     failed_by_reason: dict[str, int] = field(default_factory=dict)  # failed in earlier runs, not retried
     price_per_image_usd: float = 0.0
     estimated_cost_usd: float = 0.0
-    requests_per_minute: float | None = None  # None: auto
+    requests_per_minute: float | None = None  # the fixed rate, or where ``auto`` would start (None: cold)
+    rate_basis: str | None = None  # for ``auto``: where that start comes from (ratememory.py)
     estimated_minutes: float | None = None
     bedrock: dict[str, Any] = field(default_factory=dict)  # region, endpoint and profile in use, and their sources
     shard: str | None = None  # "0007-of-0032" when planned per shard
@@ -78,8 +82,9 @@ async def _plan(settings: JobSettings, options: RunOptions, checkpoint: Checkpoi
         if options.limit is not None:
             pending = pending[: options.limit]
         duplicates = await count_duplicates(pending, checkpoint, storage, request_fingerprint(settings))
+        start = await _auto_start(settings, checkpoint)
     requests = len(pending) - duplicates
-    rpm = settings.limits.requests_per_minute
+    rpm = shard_rate(settings) if start is None else start.rpm
     return Plan(
         job=settings.name, model_id=settings.model_id, files_found=summary.discovered, new=summary.new,
         changed=summary.changed, unchanged=summary.unchanged, proven_done=summary.proven,
@@ -87,11 +92,26 @@ async def _plan(settings: JobSettings, options: RunOptions, checkpoint: Checkpoi
         requests=requests, skipped_by_reason=checkpoint.reasons(ItemState.SKIPPED), refused_by_reason=refused,
         failed_by_reason={code: n for code, n in earlier.items() if n},
         price_per_image_usd=settings.model.price_usd, estimated_cost_usd=round(requests * settings.model.price_usd, 2),
-        requests_per_minute=rpm, estimated_minutes=round(requests / rpm, 3) if rpm else None,
+        requests_per_minute=rpm, rate_basis=None if start is None else start.why,
+        estimated_minutes=round(requests / rpm, 3) if rpm else None,
         bedrock={"region": settings.region, "region_source": settings.aws.region,
                  "endpoint_url": settings.aws.endpoint_url, "endpoint_source": settings.aws.endpoint,
                  "profile": settings.aws.profile},
     )
+
+
+async def _auto_start(settings: JobSettings, checkpoint: Checkpoint) -> StartChoice | None:
+    """For ``auto``: the best known rate, as a run would start (a remembered rate, else the applied quota)."""
+    if shard_rate(settings) is not None:
+        return None
+
+    async def ask_quota() -> AppliedQuota | None:
+        if settings.backend is Backend.EMULATOR:  # not started for a plan: its configured quota is the answer
+            rpm = settings.emulator.quota_rpm
+            return None if rpm is None else AppliedQuota(rpm, "the embedded emulator's quota_rpm", "-")
+        return await applied_quota(settings, AioSession(profile=settings.profile), settings.quotas_endpoint_url)
+
+    return await decide_start(settings, checkpoint.last_rate(memory_key(settings)), ask_quota, time.time())
 
 
 def plan_shards(settings: JobSettings, options: RunOptions) -> list[Plan]:
@@ -178,9 +198,12 @@ def render_plan(plan: Plan) -> str:
             lines.append(f"  {title:<17} {n} {reason}")
     lines.append(f"  estimated cost    ${plan.estimated_cost_usd:.2f} at ${plan.price_per_image_usd:.2f}/image "
                  "(estimate; prices are not verified — see README)")
-    duration = (f"{human_duration(plan.estimated_minutes * 60)} at {plan.requests_per_minute:g} requests/min"
-                if plan.estimated_minutes is not None else "unknown: the rate is 'auto' (it starts at 30/min)")
+    duration = (f"{human_duration(plan.estimated_minutes * 60)} at {plan.requests_per_minute:.4g} requests/min"
+                if plan.estimated_minutes is not None
+                else "unknown: the rate is 'auto' and no rate is known yet (it starts at 60/min and finds the quota)")
     lines.append(f"  estimated time    {duration}")
+    if plan.rate_basis and plan.estimated_minutes is not None:
+        lines.append(f"  (auto starts at {plan.requests_per_minute:.4g}/min: {plan.rate_basis})")
     if plan.failed_by_reason:
         lines.append("  (failed items are not retried; add --retry-failed)")
     return "\n".join(lines)

@@ -22,11 +22,14 @@ log = logging.getLogger(__name__)
 
 
 def human_duration(seconds: float) -> str:
-    """A duration people read at a glance: seconds under a minute, minutes under two hours, then hours."""
+    """A duration people read at a glance: seconds under a minute, minutes under two hours, hours
+    under two days, then days."""
     if seconds < 60:
         return f"{seconds:.0f} s"
     minutes = seconds / 60
-    return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+    if minutes < 120:
+        return f"{minutes:.1f} min"
+    return f"{minutes / 60:.1f} h" if minutes < 2880 else f"{minutes / 1440:.1f} d"
 
 
 class Progress:

@@ -144,8 +144,13 @@ class ReportWriter:
             "runs": len(runs),
             "last_run_spent_usd": round(last.get("spent_usd") or 0.0, 2),
             # The rate the last run ended at: with ``auto``, what the quota was found to allow.
+            # With ``auto``: where it started (a remembered rate or the applied quota; null: cold) and
+            # the rate it left for the next run (ratememory.py).
             "rate": {"mode": last.get("rate_mode"),
-                     "final_rpm": round(last["final_rpm"], 1) if last.get("final_rpm") else None},
+                     "final_rpm": round(last["final_rpm"], 1) if last.get("final_rpm") else None,
+                     "start_rpm": round(last["start_rpm"], 1) if last.get("start_rpm") else None,
+                     "remembered_rpm": round(last["remembered_rpm"], 1) if last.get("remembered_rpm") else None,
+                     "measured": None if last.get("rate_measured") is None else bool(last["rate_measured"])},
             # Why the last run ended early, when it did (a signal, a cap, an outage, a full disk).
             "stopped": last.get("stop_reason"),
             # The last run's S3 requests (listings, probes, reads, uploads) and how many were retried.

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,7 +40,9 @@ from batch_upscaler.merge import write_done
 from batch_upscaler.metrics import write_metrics
 from batch_upscaler.pool import PoolStats, WorkerPool
 from batch_upscaler.progress import Progress
+from batch_upscaler.quotas import applied_quota
 from batch_upscaler.ratelimit import RateLimiter, make_limiter
+from batch_upscaler.ratememory import StartChoice, decide_start, leave_rate, memory_key
 from batch_upscaler.report import ReportWriter
 from batch_upscaler.retry import SERVICE_STATE_CODES
 from batch_upscaler.scan import Scanner, ScanSummary
@@ -57,6 +61,7 @@ class RunOutcome:
     stopped_by: str | None = None  # "SIGINT", "max-duration", "service unreachable since 02:13", ...: stopped early
     fatal: FatalBackendError | None = None
     limiter: RateLimiter | None = None
+    start: StartChoice | None = None  # where ``auto`` started
     budget: Budget | None = None
     scanned: bool = False  # the scan went through every file (a stop before that leaves work unknown)
 
@@ -166,6 +171,19 @@ def shard_rate(settings: JobSettings) -> float | None:
     return limits.requests_per_minute / settings.shard.count
 
 
+async def _start_rate(settings: JobSettings, checkpoint: Checkpoint, client: ClientSettings,
+                      session: AioSession) -> StartChoice | None:
+    """Where ``auto`` starts (ratememory.py); None for a fixed rate."""
+    if shard_rate(settings) is not None:
+        return None
+    choice = await decide_start(
+        settings, checkpoint.last_rate(memory_key(settings)),
+        lambda: applied_quota(settings, session, client.quotas_endpoint_url, client.static_credentials), time.time())
+    log.info("rate: auto starts %s: %s", f"at {choice.rpm:.0f}/min" if choice.rpm else "cold", choice.why,
+             extra={"event": "start_rate"})
+    return choice
+
+
 def _work_left(checkpoint: Checkpoint, only: frozenset[str] | None) -> bool:
     return bool(only) if only is not None else checkpoint.counts()[ItemState.PENDING] > 0
 
@@ -183,13 +201,14 @@ async def _finish(settings: JobSettings, options: RunOptions, checkpoint: Checkp
     exit_code = exit_code_for(outcome.fatal is not None, outcome.stopped_by, counts, new_failures,
                               options.strict_exit, outcome.scanned)
     limiter = outcome.limiter
+    rate = leave_rate(settings, limiter, outcome.start, outcome.stats.requests, time.time())
     try:
         checkpoint.finish_run(run_id, exit_code, outcome.stats.requests, outcome.stats.throttles,
                               rate_mode=limiter.mode if limiter else None, final_rpm=limiter.rpm if limiter else None,
                               spent_usd=outcome.budget.spent_usd if outcome.budget else 0.0,
                               stop_reason=outcome.stopped_by if exit_code is ExitCode.INTERRUPTED else None,
                               s3_requests=storage.s3.calls if storage.s3 else None,
-                              s3_retries=storage.s3.retries if storage.s3 else None)
+                              s3_retries=storage.s3.retries if storage.s3 else None, rate=rate)
     except StateUnavailable as exc:  # the state disk is full: the stop line below says why
         log.error("%s", exc)
     report = await _write_report(settings, options, checkpoint, storage, exit_code)
@@ -238,11 +257,12 @@ async def _execute(settings: JobSettings, options: RunOptions, checkpoint: Check
                    session: AioSession, outcome: RunOutcome, clock: Clock, rng: random.Random,
                    only: frozenset[str] | None, signals: StopSignals) -> None:
     stop = asyncio.Event()
-    limiter = make_limiter(shard_rate(settings), clock)
-    outcome.limiter = limiter
     pending = checkpoint.counts()[ItemState.PENDING] if only is None else len(only)
     total = pending if options.limit is None else min(pending, options.limit)
     async with _client_settings(settings) as client_settings, open_client(client_settings, session) as client:
+        outcome.start = await _start_rate(settings, checkpoint, client_settings, session)
+        limiter = make_limiter(shard_rate(settings), clock, outcome.start.start if outcome.start else None)
+        outcome.limiter = limiter
         with Progress(total, options.show_progress, lambda: limiter.rpm) as progress:
             pool = WorkerPool(settings=settings, checkpoint=checkpoint,
                               invoker=BedrockInvoker(client, settings.model_id), outputs=storage.outputs,
@@ -342,18 +362,20 @@ class _Stopper:
 async def _client_settings(settings: JobSettings) -> AsyncIterator[ClientSettings]:
     """Where requests go: the configured Bedrock endpoint, or an emulator started in-process."""
     limits = settings.limits
-    common = dict(region=settings.region, concurrency=limits.concurrency,
-                  read_timeout_s=limits.read_timeout_s, connect_timeout_s=limits.connect_timeout_s)
+    common = ClientSettings(region=settings.region, endpoint_url=settings.endpoint_url, profile=settings.profile,
+                            concurrency=limits.concurrency, read_timeout_s=limits.read_timeout_s,
+                            connect_timeout_s=limits.connect_timeout_s,
+                            quotas_endpoint_url=settings.quotas_endpoint_url)
     if settings.backend is Backend.BEDROCK:
         aws = settings.aws
         log.info("backend: bedrock in %s (%s), endpoint %s", settings.region,
                  "the built-in default" if aws.region == "default" else f"from {aws.region}",
                  f"{aws.endpoint_url} (from {aws.endpoint})" if aws.endpoint_url else "the AWS default for the region")
-        yield ClientSettings(endpoint_url=settings.endpoint_url, profile=settings.profile, **common)  # type: ignore[arg-type]
+        yield common
         return
     emulator = EmulatorConfig(output_max_pixels=settings.emulator.output_max_pixels,
                               latency_s=settings.emulator.latency_s, quota_rpm=settings.emulator.quota_rpm)
     async with serve(emulator) as running:
         log.info("backend: embedded emulator at %s", running.endpoint_url)
-        yield ClientSettings(endpoint_url=running.endpoint_url, profile=None,
-                             static_credentials=("EMULATOR", "emulator"), **common)  # type: ignore[arg-type]
+        yield dataclasses.replace(common, endpoint_url=running.endpoint_url, profile=None,
+                                  static_credentials=("EMULATOR", "emulator"), quotas_endpoint_url=running.endpoint_url)

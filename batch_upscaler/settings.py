@@ -119,6 +119,10 @@ class Limits:
     outage_errors: int = 8
     outage_wait_s: float = 900.0
     shard_rpm: float | None = None  # a shard's own ceiling; None: requests_per_minute / shard count
+    # ``auto`` starts from the rate the last run ended at; older than this, it is a guess to check.
+    remembered_rate_max_age_s: float = 7 * 86400.0
+    quota_lookup: bool = True  # ``auto`` may read the model's applied RPM quota from Service Quotas
+    quota_code: str | None = None  # that quota's code, when its name cannot be matched (see README)
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,9 @@ class JobSettings:
     prepare: PrepareSettings = field(default_factory=PrepareSettings)
     metadata: MetadataSettings = field(default_factory=MetadataSettings)
     aws: AwsSources = field(default_factory=AwsSources)
+    # Service Quotas' endpoint for ``auto``'s quota lookup; None: botocore's (AWS_ENDPOINT_URL_SERVICE_QUOTAS
+    # or the region's). The embedded emulator answers these calls itself.
+    quotas_endpoint_url: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))

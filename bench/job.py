@@ -42,6 +42,8 @@ class JobSpec:
     concurrency: int = 16
     requests_per_minute: float | str = 600
     output_format: str = "png"
+    limits: tuple[tuple[str, Any], ...] = ()  # more limits.* keys (e.g. quota_lookup)
+    state_dir: Path | None = None  # default: <work_dir>/state
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,11 @@ def manifest_doc(spec: JobSpec) -> dict[str, Any]:
         "version": 1, "name": spec.name, "sources": [str(spec.sources.resolve())],
         "output": {"dir": str(spec.work_dir.resolve() / "out"), "format": spec.output_format},
         "model": model, "backend": "bedrock",
-        "bedrock": {"region": "us-east-1", "endpoint_url": spec.endpoint_url},
-        "limits": {"concurrency": spec.concurrency, "requests_per_minute": spec.requests_per_minute},
-        "state_dir": str(spec.work_dir.resolve() / "state"),
+        # The emulator answers Service Quotas too: ``auto`` may read the quota it enforces.
+        "bedrock": {"region": "us-east-1", "endpoint_url": spec.endpoint_url, "quotas_endpoint_url": spec.endpoint_url},
+        "limits": {"concurrency": spec.concurrency, "requests_per_minute": spec.requests_per_minute,
+                   **dict(spec.limits)},
+        "state_dir": str((spec.state_dir or spec.work_dir / "state").resolve()),
     }
 
 
@@ -120,17 +124,13 @@ def run_manifest(manifest: Path, max_duration_s: float | None = None) -> JobRun:
 
 
 @contextlib.contextmanager
-def limiters(start: StartRate | None = None) -> Iterator[list[RateLimiter]]:
-    """Runs inside build their rate limiter with ``start`` and list it in the yielded list.
+def limiters() -> Iterator[list[tuple[RateLimiter, StartRate | None]]]:
+    """Runs inside list the rate limiter they built and the start rate the runner chose for it."""
+    made: list[tuple[RateLimiter, StartRate | None]] = []
 
-    The runner does not pass a start rate yet (where one comes from, the checkpoint or Service
-    Quotas, is wired separately), so a benchmark that needs one patches ``runner.make_limiter``.
-    """
-    made: list[RateLimiter] = []
-
-    def make(requests_per_minute: float | None, clock: Clock, _start: StartRate | None = None) -> RateLimiter:
+    def make(requests_per_minute: float | None, clock: Clock, start: StartRate | None = None) -> RateLimiter:
         limiter = make_limiter(requests_per_minute, clock, start)
-        made.append(limiter)
+        made.append((limiter, start))
         return limiter
 
     with mock.patch.object(runner, "make_limiter", make):

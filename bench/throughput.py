@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from bench import job
 from bench.accounting import Traffic, ceiling_rpm, summarize
@@ -64,14 +65,20 @@ def traffic_row(variant: str, images: int, traffic: Traffic, elapsed_s: float, f
             "ratio": traffic.goodput_rpm / ceiling, "window_s": traffic.window_s}
 
 
+COLD: tuple[tuple[str, Any], ...] = (("quota_lookup", False),)
+
+
 def measure_runner(workspace: Workspace, variant: str, rpm: float | str, images: int,
                    time_cap_s: float | None = None, emulator_spec: EmulatorSpec = EMULATOR,
-                   inputs: Path | None = None, work: Path | None = None, name: str | None = None) -> Row:
+                   inputs: Path | None = None, work: Path | None = None, name: str | None = None,
+                   limits: tuple[tuple[str, Any], ...] = COLD, state_dir: Path | None = None) -> Row:
     """The real runner (in this process) on ``images`` distinct inputs against a fresh emulator.
 
     ``inputs``, ``work`` and ``name`` default to a cached corpus, a fresh work folder and the
     variant's slug; passing the same ``work`` and ``name`` again runs the same job again (its
     checkpoint, outputs and emulator log in that folder), which is how a nightly top-up looks.
+    ``limits`` adds manifest limits; the default keeps ``auto`` cold (no Service Quotas lookup, and a
+    fresh work folder remembers no rate).
     """
     inputs = corpus(workspace, images) if inputs is None else inputs
     name = slug(variant) if name is None else name
@@ -79,7 +86,8 @@ def measure_runner(workspace: Workspace, variant: str, rpm: float | str, images:
     log = work / f"requests-{slug(variant)}.jsonl"
     with EmulatorProcess(emulator_spec, log) as emulator:
         spec = job.JobSpec(name=name, sources=inputs, work_dir=work,
-                           endpoint_url=emulator.endpoint_url, concurrency=CONCURRENCY, requests_per_minute=rpm)
+                           endpoint_url=emulator.endpoint_url, concurrency=CONCURRENCY, requests_per_minute=rpm,
+                           limits=limits, state_dir=state_dir)
         run = job.run(spec, max_duration_s=time_cap_s)
         traffic = summarize(emulator.records())
     row = traffic_row(variant, images, traffic, run.elapsed_s, run.failed, emulator_ceiling(emulator_spec))

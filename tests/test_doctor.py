@@ -27,6 +27,7 @@ from batch_upscaler.doctor import (
     ENDPOINT,
     IDENTITY,
     PROFILE,
+    QUOTA,
     REGION,
     CheckResult,
     DoctorOptions,
@@ -39,6 +40,7 @@ from batch_upscaler.doctor import (
 )
 from batch_upscaler.emulator import EmulatorThread
 from batch_upscaler.manifest import load_settings
+from batch_upscaler.quotas import QuotaTarget
 from tests.conftest import cli_env
 
 EmulatorFactory = Callable[..., EmulatorThread]
@@ -308,7 +310,8 @@ def test_options_from_settings(write_manifest: Callable[..., Path]) -> None:
     assert options_from_settings(settings, control_endpoint_url="http://127.0.0.1:8") == DoctorOptions(
         region="us-west-2", profile=None, model_id=PROFILE_ID, base_model_id=BASE_ID,
         runtime_endpoint_url="http://127.0.0.1:9", control_endpoint_url="http://127.0.0.1:8",
-        region_source="manifest", endpoint_source="manifest", connect_timeout_s=10.0)
+        region_source="manifest", endpoint_source="manifest", connect_timeout_s=10.0,
+        quota=QuotaTarget("conservative", cross_region=True))
 
 
 def test_doctor_command_end_to_end(moto_url: str, emulator_factory: EmulatorFactory, with_env_keys: None,
@@ -463,3 +466,24 @@ def test_long_secrets_are_redacted_even_inside_other_text_and_short_ones_only_as
     scrub = redactor([SECRET, "test"], [KEY_ID, "key"])
     text = scrub(f"x{SECRET}y id={KEY_ID}, the latest test of a keyring key; a test-only value")
     assert text == "x[redacted]y id=AKIA…W9ZK, the latest [redacted] of a keyring …; a [redacted]-only value"
+
+
+@pytest.mark.usefixtures("with_env_keys")
+def test_the_applied_quota_is_printed_when_it_can_be_read(moto_url: str, emulator_factory: EmulatorFactory) -> None:
+    target = QuotaTarget("conservative", cross_region=True)
+    published = emulator_factory(quota_rpm=750)
+    results = by_name(run_checks(options(moto_url, published.endpoint_url, quota=target,
+                                         quotas_endpoint_url=published.endpoint_url)))
+    assert results[QUOTA].status is Status.OK
+    assert results[QUOTA].detail.startswith("750 requests/min applied (Cross-Region InvokeModel requests per minute "
+                                            "for Stable Image Conservative Upscale, L-")
+    denied = emulator_factory(quota_rpm=750, quotas_denied=True)
+    results = by_name(run_checks(options(moto_url, denied.endpoint_url, quota=target,
+                                         quotas_endpoint_url=denied.endpoint_url)))
+    assert results[QUOTA].status is Status.WARN and "AccessDeniedException" in results[QUOTA].detail
+    assert results[QUOTA].fix is not None and "servicequotas:ListServiceQuotas" in results[QUOTA].fix
+    unpublished = emulator_factory()
+    results = by_name(run_checks(options(moto_url, unpublished.endpoint_url, quota=target,
+                                         quotas_endpoint_url=unpublished.endpoint_url)))
+    assert results[QUOTA].status is Status.WARN and "limits.quota_code" in (results[QUOTA].fix or "")
+    assert exit_code(list(results.values())) == 0  # the quota is optional: never a failure

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slow", type=float, default=30.0, help="seconds a SLOW fault stalls")
     parser.add_argument("--log", type=Path, default=None, help="JSON-lines request log file")
     parser.add_argument("--deny-access", action="store_true")
+    parser.add_argument("--quotas-denied", action="store_true",
+                        help="Service Quotas calls are denied (the quota is still enforced, just not published)")
     return parser
 
 
@@ -67,7 +69,8 @@ def parse_config(argv: Sequence[str] | None = None) -> EmulatorConfig:
             output_max_pixels=args.output_max_pixels, png_compress_level=args.png_compress_level,
             canned_output=args.canned_output, seed=args.seed, slow_s=args.slow,
             fault_rates={FaultKind(name): float(rate) for name, rate in args.fault_rates.items()},
-            request_log_path=args.log, deny_access=args.deny_access, fault_window=args.fault_window,
+            request_log_path=args.log, deny_access=args.deny_access, quotas_denied=args.quotas_denied,
+            fault_window=args.fault_window,
             retry_after_s=args.retry_after,
         )
     except ValueError as exc:

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from batch_upscaler.catalogue import ModelName, ModelSpec
-from batch_upscaler.emulator import protocol
+from batch_upscaler.emulator import protocol, servicequotas
 from batch_upscaler.emulator.faults import FaultKind, FaultPicker, fault_body, fault_error
 from batch_upscaler.emulator.latency import LatencyModel
 from batch_upscaler.emulator.protocol import ErrorCode, ErrorReply, Rejected
@@ -98,8 +98,17 @@ def create_app(config: EmulatorConfig, log: RequestLog,
     invoker = _Invoker(config, log, clock)
     app.router.add_post("/model/{model_id}/invoke", invoker.handle)
     app.router.add_get("/_emulator/log", _show_log)
+    app.router.add_post("/", _service_quotas)
     app.router.add_route("*", "/{tail:.*}", _unknown_operation)
     return app
+
+
+async def _service_quotas(request: web.Request) -> web.Response:
+    """``POST /`` with a Service Quotas target (see servicequotas.py); anything else is unknown."""
+    if not request.headers.get("X-Amz-Target", "").startswith(servicequotas.TARGET_PREFIX):
+        return await _unknown_operation(request)
+    return await servicequotas.handle(request, request.app[CONFIG_KEY],
+                                      signing_region(request.headers) or "us-east-1")
 
 
 async def _show_log(request: web.Request) -> web.Response:

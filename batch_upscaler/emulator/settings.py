@@ -52,6 +52,7 @@ class EmulatorConfig:
     slow_s: float = 30.0
     request_log_path: Path | None = None
     deny_access: bool = False
+    quotas_denied: bool = False  # Service Quotas calls answer AccessDeniedException (servicequotas.py)
     catalogue: Mapping[ModelName, ModelSpec] = field(default_factory=_builtin_catalogue)
 
     def __post_init__(self) -> None:
