@@ -40,7 +40,7 @@ from batch_upscaler.storage.edge import Storage
 log = logging.getLogger(__name__)
 # Refusals decided from the item's surroundings, not from its bytes: re-decided at every scan.
 CONTEXT_REFUSALS = frozenset({"output_conflict", "output_in_source", "bad_output_path", "output_exists"})
-_PROBES_AHEAD = 64  # new items whose header probes run while earlier items are decided
+_PROBES_AHEAD = 64  # new items whose header probes (and output proofs) run while earlier items are decided
 
 
 @dataclass
@@ -57,7 +57,8 @@ class Scanner:
     """Runs one scan pass of the job's sources into the checkpoint.
 
     Items are decided strictly in discovery order (the first claimant of an output path keeps it),
-    while the header probes of the next new items (ranged GETs on S3) run ahead in a bounded window.
+    while the header probes of the next new items (ranged GETs on S3), and the proof of an output already
+    there for an item the checkpoint does not hold (a HEAD), run ahead in a bounded window.
     """
 
     def __init__(self, settings: JobSettings, checkpoint: Checkpoint, storage: Storage, *,
@@ -75,6 +76,7 @@ class Scanner:
         self.checks_hash = checks_fingerprint(settings)
         self.summary = ScanSummary()
         self._conflicts: list[Scanned] = []  # refused for a path another item holds, as they would be pending
+        self._proofs: dict[str, tuple[str, Proof | None]] = {}  # key -> (output path, its proof), read ahead
 
     async def run(self, found: AsyncIterator[Found] | None = None) -> ScanSummary:
         mode = self.settings.name_compare
@@ -107,9 +109,33 @@ class Scanner:
         needs_probe = item.kind is EntryKind.FILE and item.size > 0 and (
             known is None or (known.size, known.mtime_ns, known.etag) != (item.size, item.mtime_ns, item.etag)
             or known.params_hash != self.params_hash)
-        return seq, item, known, asyncio.ensure_future(self.sources.probe(item)) if needs_probe else None
+        return seq, item, known, asyncio.ensure_future(self._probe(item, known)) if needs_probe else None
+
+    async def _probe(self, item: Found, known: Known | None) -> Probed:
+        """The header probe; for an item whose result this checkpoint does not hold and whose output is
+        already there, also that output's proof (one HEAD), so it overlaps the decisions before it too."""
+        probed = await self.sources.probe(item)
+        header = probed.header
+        if (header is not None and self.outputs.carries_proof
+                and (known is None or known.state is not ItemState.SUCCEEDED)):
+            model = self.settings.model
+            plan = fit(header, model.limits, self.settings.prepare, model.output_size)
+            try:
+                relpath = self._output_path(item, header, plan) if isinstance(plan, Fit) else None
+            except NamingError:
+                relpath = None
+            if relpath is not None and self.outputs.exists(relpath):
+                self._proofs[item.key] = (relpath, await self.outputs.proof(relpath))
+        return probed
 
     async def _reconcile(self, seq: int, item: Found, known: Known | None, probe: asyncio.Task[Probed] | None) -> None:
+        try:
+            await self._reconcile_item(seq, item, known, probe)
+        finally:
+            self._proofs.pop(item.key, None)  # fetched ahead but not needed (refused, unchanged, a conflict)
+
+    async def _reconcile_item(self, seq: int, item: Found, known: Known | None,
+                              probe: asyncio.Task[Probed] | None) -> None:
         self.summary.discovered += 1
         if known is not None and await self._still_valid(known, item) and self._still_placeable(known, item.key):
             if probe is not None:
@@ -220,7 +246,8 @@ class Scanner:
         """The output's own proof that it is this source's upscale with these parameters, or None."""
         if not self.outputs.carries_proof or not self.outputs.exists(output_path):
             return None
-        proof = await self.outputs.proof(output_path)
+        ahead = self._proofs.pop(item.key, None)
+        proof = ahead[1] if ahead is not None and ahead[0] == output_path else await self.outputs.proof(output_path)
         if proof is None or proof.note.params_hash != self.params_hash:
             return None
         note = proof.note

@@ -3,7 +3,7 @@
 Each scenario prints its table; ``all`` also prints one table of every target check at the end.
 Results go to ``<out>/<scenario>.json`` (``-smoke.json`` for smoke runs). The exit code is 0 when
 every scenario ran (a missed target is reported, not an error), 1 when one crashed. The child
-options (``--concurrency`` for cost, ``--phase`` for scale) measure one part in this process and
+options (``--concurrency`` for cost, ``--phase`` for scale, ``--s3-phase`` for s3) measure one part in this process and
 are what the scenarios use internally to get a fresh process for peak-RSS figures.
 """
 
@@ -17,13 +17,13 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import auto, baselines, cold, cost, known, remembered, scale
+from bench import auto, baselines, cold, cost, known, remembered, s3_scale, scale
 from bench.table import ScenarioResult, render, render_checks, save
 from bench.workspace import DEFAULT_OUT, Workspace
 
 SCENARIOS: dict[str, Callable[[Workspace], ScenarioResult]] = {
     "known": known.run, "auto": auto.run, "cold": cold.run, "remembered": remembered.run,
-    "baselines": baselines.run, "cost": cost.run, "scale": scale.run,
+    "baselines": baselines.run, "cost": cost.run, "scale": scale.run, "s3": s3_scale.run,
 }
 
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     cost.add_child_arguments(parser)
     scale.add_child_arguments(parser)
+    s3_scale.add_child_arguments(parser)
     return parser
 
 
@@ -66,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.scenario == "scale" and args.phase is not None:
         scale.child(args)
+        return 0
+    if args.scenario == "s3" and args.s3_phase is not None:
+        s3_scale.child(args)
         return 0
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     results = [run_scenario(name, workspace) for name in names]

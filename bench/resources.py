@@ -1,8 +1,11 @@
 """Measures this process's CPU time and peak memory, and runs a measurement in a fresh process.
 
-Peak RSS (``ru_maxrss``) is a high-water mark for the whole life of a process, so a figure that
-must not be polluted by earlier work is measured in a fresh ``python -m bench`` child, which
-prints its result as one JSON line prefixed with ``RESULT_PREFIX``.
+Peak RSS is a high-water mark for the whole life of a process, so a figure that must not be
+polluted by earlier work is measured in a fresh ``python -m bench`` child, which prints its result
+as one JSON line prefixed with ``RESULT_PREFIX``. On Linux it is read from ``VmHWM`` (the peak of
+the process's own address space since its exec), not from ``ru_maxrss``: the kernel carries the
+parent's high-water mark into ``ru_maxrss`` across fork and exec, so a child's ``ru_maxrss`` is
+never below its parent's peak.
 """
 
 from __future__ import annotations
@@ -31,8 +34,15 @@ def cpu_seconds() -> float:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's own peak resident set size so far, in MiB (VmHWM; ru_maxrss where there is no /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB (inherits the parent's peak)
 
 
 def emit(result: dict[str, Any]) -> None:

@@ -107,7 +107,7 @@ def set_pending(settings: JobSettings, count: int) -> None:
 
 def add_child_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phase", choices=("scan", "resume"), help="scale: measure one phase in this process")
-    parser.add_argument("--manifest", type=Path, help="scale: the job's manifest")
+    parser.add_argument("--manifest", type=Path, help="scale, s3: the job's manifest")
 
 
 def child(args: argparse.Namespace) -> None:

@@ -1,5 +1,6 @@
 """A real S3-compatible server on 127.0.0.1 for the tests: moto in server mode, and a fault-injecting
-proxy in front of it (uploads that fail with a 503 N times, or are refused with AccessDenied).
+proxy in front of it (uploads that fail with a 503 N times, or are refused with AccessDenied; HEADs
+held a while and counted, to see how many a client makes at once).
 
 No aiobotocore or botocore internals are mocked: the runner talks HTTP to these servers.
 """
@@ -63,6 +64,9 @@ class Faults:
     fail_puts: int = 0  # this many such PUTs get a 503 SlowDown first
     deny_puts: bool = False  # every such PUT gets 403 AccessDenied
     puts_seen: list[str] = field(default_factory=list)
+    hold_heads_s: float = 0.0  # every HEAD of an object is held this long before it is passed on
+    heads_at_once: int = 0  # the most HEADs of objects the proxy held or passed on at the same time
+    _heads_now: int = 0
 
 
 class FaultyProxy:
@@ -103,6 +107,22 @@ class FaultyProxy:
             if self.faults.fail_puts > 0:
                 self.faults.fail_puts -= 1
                 return _s3_error(503, "SlowDown", "Please reduce your request rate.")
+        if request.method == "HEAD" and request.path.strip("/").count("/"):
+            return await self._head(request, body)
+        return await self._forward(request, body)
+
+    async def _head(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        """A HEAD of an object, held a while so that HEADs made at the same time are seen together."""
+        faults = self.faults
+        faults._heads_now += 1
+        faults.heads_at_once = max(faults.heads_at_once, faults._heads_now)
+        try:
+            await asyncio.sleep(faults.hold_heads_s)
+            return await self._forward(request, body)
+        finally:
+            faults._heads_now -= 1
+
+    async def _forward(self, request: web.Request, body: bytes) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         async with self._session.request(request.method, self.upstream + str(request.rel_url), data=body,
                                          headers=headers) as upstream:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import REPO
 
-SCENARIOS = ("known", "auto", "cold", "remembered", "baselines", "cost", "scale")
+SCENARIOS = ("known", "auto", "cold", "remembered", "baselines", "cost", "scale", "s3")
 TIMEOUT_S = 110
 
 
@@ -115,3 +115,18 @@ def test_scale_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
     assert resume["knows_s"] is not None and 0 <= resume["knows_s"] < 10
     assert some["requests"] == 50 and some["pending"] == 0 and some["failed"] == 0
     assert 0 < some["first_request_s"] < 10
+
+
+def test_s3_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
+    result = _result(smoke_results, "s3")
+    rows = _rows(result, {"phase", "objects", "knows_s", "s3_total", "GetObject", "HeadObject", "PutObject",
+                          "ListObjectsV2", "s3_calls", "invoke", "peak_rss_mb"})
+    _, small, _, plan, first, again, lost_plan, lost = rows
+    assert plan["files_found"] == plan["new"] == 200 and small["files_found"] == 20  # markers, non-images ignored
+    assert plan["GetObject ranged"] == 200 and plan["invoke"] == small["invoke"] == 0
+    assert first["invoke"] == 200 - plan["deduplicated"] and first["succeeded"] == 200 and first["failed"] == 0
+    assert first["s3_calls"] == first["report_s3_requests"] > 0
+    assert again["invoke"] == 0 and again["HeadObject"] == 0 and again["GetObject"] <= 1
+    assert lost_plan["proven_done"] == 200 and lost_plan["requests"] == 0
+    assert lost["invoke"] == 0 and lost["HeadObject"] == 200 and lost["succeeded"] == 200
+    assert all(check["met"] for check in result["checks"]), result["checks"]

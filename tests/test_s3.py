@@ -123,6 +123,32 @@ def test_a_fresh_state_folder_over_finished_outputs_pays_nothing(
     assert len(sent_shas(emulator)) == 8  # the prompt changed: every output is redone
 
 
+def test_a_lost_state_folder_reads_the_outputs_proofs_ahead_not_one_at_a_time(
+        tmp_path: Path, s3: MotoS3, emulator_factory: EmulatorFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    s3.bucket("archive")
+    s3.bucket("archive-upscaled")
+    for i in range(24):
+        s3.put("archive", f"photos/{i:02d}.png", image_bytes(70, 70, color=(i, 7, 7)))
+    emulator = emulator_factory()
+    faults = Faults(hold_heads_s=0.05)
+    proxy = FaultyProxy(s3.endpoint_url, faults)
+    try:
+        manifest = s3_manifest(tmp_path, emulator, proxy.endpoint_url, sources=["s3://archive/photos/"])
+        assert main(["run", str(manifest)]) == 0
+        assert faults.heads_at_once == 0  # a fresh job with no outputs yet reads no proof
+        (tmp_path / ".batch-upscaler" / "job.sqlite").unlink()
+        capsys.readouterr()
+        assert main(["plan", str(manifest), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["proven_done"] == 24
+        # One HEAD per output, made in the scan's look-ahead window with the header probes: against
+        # S3's latency, 100,000 HEADs one after another would take the better part of an hour.
+        assert faults.heads_at_once > 1
+        assert main(["run", str(manifest)]) == 0
+        assert len(sent_shas(emulator)) == 24
+    finally:
+        proxy.stop()
+
+
 def test_listing_pages_past_1000_keys_and_globs_under_a_prefix(
         tmp_path: Path, s3: MotoS3, emulator_factory: EmulatorFactory, capsys: pytest.CaptureFixture[str]) -> None:
     s3.bucket("archive")
