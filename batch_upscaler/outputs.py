@@ -32,11 +32,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import NoReturn, Protocol
+from typing import NoReturn, Protocol, runtime_checkable
 
 import xxhash
 
 from batch_upscaler.errors import OutputUnavailable, UsageError
+from batch_upscaler.staging import Offload, StagedFile, StagingFileSink
 
 STAGING_DIR = ".batch-upscaler-tmp"
 OWNER_FILE = ".batch-upscaler-job.json"
@@ -88,6 +89,15 @@ class OutputStore(Protocol):
     def verify(self, relpath: str, size: int | None, digest: str | None) -> bool: ...
     def read_verified(self, relpath: str, size: int | None, digest: str | None) -> bytes | None: ...
     def write_atomic(self, relpath: str, parts: FileParts, mtime_ns: int | None = None) -> Written: ...
+
+
+@runtime_checkable
+class StagingStore(OutputStore, Protocol):
+    """A store that takes an output while it arrives: a sink stages it, ``adopt`` puts it in place."""
+
+    def open_sink(self, offload: Offload) -> StagingFileSink: ...
+    def adopt(self, staged: StagedFile, relpath: str, mtime_ns: int | None = None) -> Written: ...
+    def discard(self, staged: StagedFile) -> None: ...
 
 
 def storage_refuses(exc: OSError) -> bool:
@@ -207,6 +217,35 @@ class LocalOutputStore:
             raise
         _fsync_dir(target.parent)  # the rename itself must survive power loss
         return Written(sum(len(part) for part in parts), digest_parts(parts))
+
+    # ---- outputs that arrive as a stream (staging.StagingFileSink, then adopt) -------------------
+    def open_sink(self, offload: Offload) -> StagingFileSink:
+        """A sink that writes an output into this run's staging directory while it arrives."""
+        return StagingFileSink(self.staging(), offload, new_file_mode())
+
+    def adopt(self, staged: StagedFile, relpath: str, mtime_ns: int | None = None) -> Written:
+        """Put a staged output (whole and fsynced: see open_sink) at ``relpath``, atomically.
+
+        What write_atomic does once its file is written: the mtime, the rename, the folder's fsync,
+        with the same errors. On an error the staged file stays (``discard`` removes it).
+        """
+        try:
+            target = self.path_of(relpath)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if mtime_ns is not None:
+                os.utime(staged.path, ns=(mtime_ns, mtime_ns))
+            os.replace(staged.path, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            if storage_refuses(exc):
+                raise OutputUnavailable(f"the output storage refuses writes: {self.root}: "
+                                        f"{exc.strerror or exc}") from exc
+            raise
+        return Written(staged.size, staged.digest)
+
+    def discard(self, staged: StagedFile) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(staged.path)
 
     def probe_writable(self) -> None:
         """Before the first request: a real create + write + fsync + delete in the output root.

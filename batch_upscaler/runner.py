@@ -283,7 +283,8 @@ async def _execute(settings: JobSettings, options: RunOptions, checkpoint: Check
                               invoker=BedrockInvoker(client, settings.model_id), outputs=outputs,
                               sources=roots, limiter=limiter, clock=clock, rng=rng, stop=stop,
                               on_done=progress.item_done, limit=options.limit, only=only,
-                              name_of=lambda item: display_path(roots, item.source, item.relpath, settings.base_dir))
+                              name_of=lambda item: display_path(roots, item.source, item.relpath, settings.base_dir),
+                              buffered=options.buffered_responses)
             outcome.stats = pool.stats
             outcome.budget = pool.budget
             task = asyncio.create_task(pool.run())

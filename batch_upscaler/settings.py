@@ -182,6 +182,7 @@ class RunOptions:
     metrics_interval_s: float = 15.0
     verify_outputs: bool = False  # redo a finished item whose output is not byte-for-byte what was written
     strict_exit: bool = False  # exit 1 for any failed item, not only for failures of this run
+    buffered_responses: bool = False  # benchmarks only: hold each answer whole, as before streaming (bench/cost.py)
 
 
 def request_fingerprint(settings: JobSettings) -> str:
