@@ -40,7 +40,6 @@ from batch_upscaler.retry import AttemptError
 REST_LIMIT: Final = 1 << 20
 _WHITESPACE: Final = frozenset(b" \t\n\r")
 _STRING_RUN: Final = re.compile(rb'[^"\\]+')
-_IMAGE_STOP: Final = re.compile(rb'["\\]')
 _QUOTE, _BACKSLASH, _OPEN_OBJECT = ord('"'), ord("\\"), ord("{")
 _IMAGES_PATH: Final = b':["'  # after the top-level "images" key: its array, and the first element's quote
 
@@ -74,11 +73,13 @@ class ResponseScanner:
 
     def feed(self, data: bytes | memoryview) -> list[bytes]:
         out: list[bytes] = []
-        view = memoryview(data).cast("B")
+        # bytes.find is memchr; a regular expression for "quote or backslash" scans 50x slower.
+        text = data if isinstance(data, bytes) else bytes(data)
+        view = memoryview(text)
         self.size += len(view)
         i = 0
         while i < len(view) and self.verdict is None:
-            i = self._image_text(view, i, out) if self._decoder is not None else self._lex(view, i)
+            i = self._image_text(text, view, i, out) if self._decoder is not None else self._lex(view, i)
             if len(self._rest) > self._limit:
                 self.verdict = AttemptError("bad_response", f"response body has more than {self._limit} bytes "
                                             "besides its image")
@@ -190,16 +191,18 @@ class ResponseScanner:
             self._path = 1
 
     # ---- the image's text --------------------------------------------------------------------
-    def _image_text(self, view: memoryview, i: int, out: list[bytes]) -> int:
+    def _image_text(self, text: bytes, view: memoryview, i: int, out: list[bytes]) -> int:
         """Decode the image's text from ``i``; returns where the rest resumes (or the end of ``view``)."""
         decoder = self._decoder
         assert decoder is not None
-        stop = _IMAGE_STOP.search(view, i)
-        end = len(view) if stop is None else stop.start()
+        quote = text.find(b'"', i)
+        end = len(text) if quote < 0 else quote
+        backslash = text.find(b"\\", i, end)
+        end = end if backslash < 0 else backslash
         if not decoder.take(view[i:end], out):  # not base64: the text goes on as a string of the rest
             self._to_rest(decoder.carry + bytes(view[i:end]))
             return end
-        if stop is None:
+        if end == len(view):
             return end
         if view[end] == _BACKSLASH:  # an escape is never base64; the rest's lexer reads the string on
             self._to_rest(decoder.carry)

@@ -1,6 +1,6 @@
 """A sink that writes an output file into the output store's staging directory as its bytes arrive.
 
-The bytes are written in batches of :data:`FLUSH_BYTES` in a worker thread (the event loop never
+The bytes are written in batches of :data:`FLUSH_BYTES` (256 KiB) in a worker thread (the event loop never
 waits for the disk), the file's digest (``outputs.digest_parts``'s xxh3-128) and size are
 computed on the way, and :meth:`StagingFileSink.commit` fsyncs and closes the file: it is then
 whole and durable under its staging name, and ``LocalOutputStore.adopt`` renames it into place.
@@ -27,7 +27,9 @@ from typing import Any, Final, Protocol, TypeVar
 
 import xxhash
 
-FLUSH_BYTES: Final = 1 << 20
+# What one answer holds before it is written: 32 answers at 1 MiB held ~32 MB more at the peak
+# than at 256 KiB, for no CPU saved; much smaller batches cost a thread hand-off per piece.
+FLUSH_BYTES: Final = 1 << 18
 _IOV_MAX: Final = 1024  # Linux's limit on the buffers of one writev
 T = TypeVar("T")
 

@@ -29,9 +29,10 @@ from batch_upscaler.streamcheck import StreamCheck
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
-# Bytes asked of the body per read. aiohttp hands out what it has buffered, at most one socket
-# read (256 KiB) here, so this bounds nothing in practice; it only must not be small.
-READ_SIZE = 1 << 20
+# Bytes asked of the body per read: aiohttp hands out what it has buffered, up to this. Larger
+# reads join several socket reads into one copy and make the decoded pieces bigger; at 1 MiB the
+# pool's peak RSS at concurrency 32 was ~25 MB higher for the same CPU (docs/benchmarks.md).
+READ_SIZE = 1 << 18
 
 
 class ImageSink(Protocol[T_co]):
