@@ -32,12 +32,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import NoReturn, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NoReturn, Protocol, runtime_checkable
 
 import xxhash
 
 from batch_upscaler.errors import OutputUnavailable, UsageError
-from batch_upscaler.staging import Offload, StagedFile, StagingFileSink
+from batch_upscaler.staging import Offload, Spilled, StagedFile, StagingFileSink
+
+if TYPE_CHECKING:
+    from batch_upscaler.streaming import ImageSink
 
 STAGING_DIR = ".batch-upscaler-tmp"
 OWNER_FILE = ".batch-upscaler-job.json"
@@ -95,7 +98,7 @@ class OutputStore(Protocol):
 class StagingStore(OutputStore, Protocol):
     """A store that takes an output while it arrives: a sink stages it, ``adopt`` puts it in place."""
 
-    def open_sink(self, offload: Offload) -> StagingFileSink: ...
+    def open_sink(self, offload: Offload) -> ImageSink[StagedFile | Spilled]: ...
     def adopt(self, staged: StagedFile, relpath: str, mtime_ns: int | None = None) -> Written: ...
     def discard(self, staged: StagedFile) -> None: ...
 

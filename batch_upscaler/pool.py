@@ -344,7 +344,10 @@ class WorkerPool:
         """The usual output: metadata spliced in, straight into a staging file. A padded one is held in
         memory: cropping the padding off decodes it anyway (finishing.finish)."""
         if payload.plan.content_box is None and isinstance(self.outputs, StagingStore):
-            return SplicingSink(self.outputs.open_sink(self.offload), payload.metadata)
+            try:
+                return SplicingSink(self.outputs.open_sink(self.offload), payload.metadata)
+            except OSError:  # no staging directory: held in memory, write_atomic will say why it cannot write
+                pass
         return MemorySink()
 
     async def _store_received(self, item: WorkItem, payload: Payload, received: Received[Any]) -> ItemState | None:

@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 
 class Offload(Protocol):
-    """Runs blocking work off the event loop (``asyncio.to_thread``, or inline in tests)."""
+    """Runs blocking work off the event loop: ``pool.Offload`` (``asyncio.to_thread``, or inline in tests)."""
 
     def __call__(self, func: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
 

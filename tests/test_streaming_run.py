@@ -361,3 +361,21 @@ def test_a_run_streams_its_answers(tmp_path: Path, write_manifest: Callable[...,
     for path, (size, digest) in recorded.items():
         data = (tmp_path / "out" / path).read_bytes()
         assert len(data) == size and digest_parts([data]) == digest
+
+
+def test_without_a_staging_directory_answers_are_held_and_written_as_before(
+        tmp_path: Path, write_manifest: Callable[..., Path], emulator_factory: EmulatorFactory,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "p.png").write_bytes(noisy_png(3))
+    emulator = emulator_factory()
+
+    def no_staging(self: LocalOutputStore, offload: Any) -> StagingFileSink:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(LocalOutputStore, "open_sink", no_staging)
+    manifest = write_manifest(backend="bedrock", bedrock={"endpoint_url": emulator.endpoint_url})
+    assert run_job(load_settings(manifest), RunOptions(show_progress=False)).exit_code == 0
+    ((path, (size, digest)),) = digests(manifest).items()
+    data = (tmp_path / "out" / path).read_bytes()
+    assert (len(data), digest_parts([data])) == (size, digest)
