@@ -1,7 +1,8 @@
 """The transport edge: one shared aiobotocore bedrock-runtime client and a single InvokeModel attempt.
 
-Everything network-shaped is turned into data here: an attempt returns the decoded image bytes or
-an :class:`~batch_upscaler.retry.AttemptError`; the retry policy, the rate limiter and the state
+Everything network-shaped is turned into data here: an attempt returns the decoded image (as bytes
+from ``invoke``, or streamed into a sink by ``invoke_into`` without holding the body) or an
+:class:`~batch_upscaler.retry.AttemptError`; the retry policy, the rate limiter and the state
 machine never see a botocore exception. botocore's own retries are off (``total_max_attempts=1``)
 because the runner counts and paces every attempt itself; ``max_pool_connections`` follows the
 concurrency cap (the default of 10 would silently cap requests in flight).
@@ -16,7 +17,7 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pybase64
@@ -31,7 +32,11 @@ from botocore.exceptions import (
 )
 
 from batch_upscaler.errors import FatalBackendError
+from batch_upscaler.jsonscan import filtered
 from batch_upscaler.retry import AttemptError
+from batch_upscaler.streaming import ImageSink, receive
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -92,9 +97,34 @@ class BedrockInvoker:
         return None if isinstance(result, bytes) else result
 
     async def invoke(self, body: bytes) -> bytes | AttemptError:
-        """One attempt: the decoded output image, or why the attempt failed."""
+        """One attempt: the decoded output image, or why the attempt failed (the body is held whole)."""
+        response = await self._call(body)
+        if isinstance(response, AttemptError):
+            return response
         try:
-            response = await self._client.invoke_model(
+            async with response["body"] as stream:
+                payload = await stream.read()
+        except _BODY_ERRORS as exc:
+            return _interrupted(exc)
+        return parse_response(payload)
+
+    async def invoke_into(self, body: bytes, sink: ImageSink[T]) -> T | AttemptError:
+        """One attempt whose image is decoded into ``sink`` while the body arrives (streaming.receive):
+        what the sink committed, or why the attempt failed (the sink is then aborted)."""
+        response = await self._call(body)
+        if isinstance(response, AttemptError):
+            await sink.abort()
+            return response
+        try:
+            async with response["body"] as stream:
+                return await receive(stream.read, sink)
+        except _BODY_ERRORS as exc:
+            return _interrupted(exc)
+
+    async def _call(self, body: bytes) -> Any:
+        """Send the request and read the answer's status and headers: the response, or an error."""
+        try:
+            return await self._client.invoke_model(
                 modelId=self.model_id, body=body, contentType="application/json", accept="application/json")
         except ClientError as exc:
             return _client_error(exc)
@@ -104,19 +134,27 @@ class BedrockInvoker:
             return AttemptError("no_credentials", f"{exc}; configure AWS credentials or use backend: emulator")
         except (BotoCoreError, aiohttp.ClientError, ConnectionError) as exc:
             return AttemptError("connection_error", f"{type(exc).__name__}: {exc}")
-        try:
-            async with response["body"] as stream:
-                payload = await stream.read()
-        except ReadTimeoutError as exc:
-            return AttemptError("read_timeout", str(exc))
-        except (BotoCoreError, aiohttp.ClientError, ConnectionError) as exc:
-            # The model already answered 200: the image was probably billed (retried once only).
-            return AttemptError("response_interrupted", f"{type(exc).__name__}: {exc}")
-        return parse_response(payload)
+
+
+# Reading a 200 body: a time-out, or the connection lost (botocore wraps aiohttp's connection errors
+# in ResponseStreamingError and a short body in IncompleteReadError; aiohttp's ClientPayloadError,
+# a body cut off mid-transfer, comes through as it is).
+_BODY_ERRORS = (BotoCoreError, aiohttp.ClientError, ConnectionError)
+
+
+def _interrupted(exc: BaseException) -> AttemptError:
+    if isinstance(exc, ReadTimeoutError):
+        return AttemptError("read_timeout", str(exc))
+    # The model already answered 200: the image was probably billed (retried once only).
+    return AttemptError("response_interrupted", f"{type(exc).__name__}: {exc}")
 
 
 def parse_response(payload: bytes) -> bytes | AttemptError:
-    """Decode an InvokeModel 200 body; a non-null ``finish_reasons[0]`` is a failure."""
+    """Decode a whole InvokeModel 200 body; a non-null ``finish_reasons[0]`` is a failure.
+
+    The buffered path (``invoke``) and the reference the streaming reader (``jsonscan``) is tested
+    against; jsonscan's docstring lists where the streaming reader is stricter.
+    """
     return _parse_plain_layout(payload) or _parse_any_layout(payload)
 
 
@@ -142,10 +180,7 @@ def _parse_plain_layout(payload: bytes) -> bytes | AttemptError | None:
         return None
     if not isinstance(rest, Mapping):
         return None
-    reasons = rest.get("finish_reasons") or [None]
-    if reasons[0] is not None:
-        return AttemptError("content_filtered", str(reasons[0]))
-    return image
+    return filtered(rest) or image
 
 
 def _parse_any_layout(payload: bytes) -> bytes | AttemptError:
@@ -155,9 +190,9 @@ def _parse_any_layout(payload: bytes) -> bytes | AttemptError:
         return AttemptError("bad_response", f"response body is not JSON ({len(payload)} bytes)")
     if not isinstance(document, Mapping):
         return AttemptError("bad_response", "response body is not a JSON object")
-    reasons = document.get("finish_reasons") or [None]
-    if reasons[0] is not None:
-        return AttemptError("content_filtered", str(reasons[0]))
+    refused = filtered(document)
+    if refused is not None:
+        return refused
     images = document.get("images")
     if not isinstance(images, list) or not images or not isinstance(images[0], str):
         return AttemptError("bad_response", "response has no image")

@@ -298,25 +298,50 @@ def inject_with_report(image: bytes, meta: SourceMetadata) -> Injected:
     """Like :func:`inject`, also saying which metadata parts were left out and why."""
     if meta.exif is None and meta.icc_profile is None:
         return Injected((image,))
-    splicer = _splicer_for(image)
-    if splicer is None:
-        return Injected((image,), ("output format not recognised: metadata not injected",))
+    container = container_of(image)
+    if container is None:
+        return Injected((image,), (UNKNOWN_FORMAT,))
+    carried = carried_parts(meta)
+    try:
+        result = _SPLICERS[container](image, carried.exif, carried.icc)
+    except MalformedError as exc:
+        return Injected((image,), (malformed_note(exc),))
+    return Injected(result.parts, carried.skipped + result.skipped)
+
+
+UNKNOWN_FORMAT: Final = "output format not recognised: metadata not injected"
+SNIFF_BYTES: Final = 12  # container_of decides from this many bytes (fewer only at the end of the data)
+
+
+def malformed_note(exc: MalformedError) -> str:
+    return f"output image malformed, metadata not injected: {exc}"
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What is to be spliced in: EXIF as TIFF (None: none, or unusable) and the ICC profile."""
+
+    exif: bytes | None
+    icc: bytes | None
+    skipped: tuple[str, ...] = ()
+
+
+def carried_parts(meta: SourceMetadata) -> Carried:
+    """The metadata in the form the splicers take, and a note if the EXIF cannot be used."""
     exif = None if meta.exif is None else as_tiff(meta.exif)
     skipped = ("exif: not TIFF-structured",) if meta.exif is not None and exif is None else ()
-    try:
-        result = splicer(image, exif, meta.icc_profile)
-    except MalformedError as exc:
-        return Injected((image,), (f"output image malformed, metadata not injected: {exc}",))
-    return Injected(result.parts, skipped + result.skipped)
+    return Carried(exif, meta.icc_profile, skipped)
 
 
-def _splicer_for(image: bytes) -> Callable[[bytes, bytes | None, bytes | None], Injected] | None:
-    if image.startswith(_PNG_SIGNATURE):
-        return _splice_png
-    if image.startswith(_JPEG_SOI + b"\xff"):
-        return _splice_jpeg
-    if image[:4] == b"RIFF" and image[8:12] == b"WEBP":
-        return _splice_webp
+def container_of(head: bytes | bytearray | memoryview) -> str | None:
+    """"PNG", "JPEG", "WEBP" or None, from the first :data:`SNIFF_BYTES` bytes of an image."""
+    head = bytes(head[:SNIFF_BYTES])
+    if head.startswith(_PNG_SIGNATURE):
+        return "PNG"
+    if head.startswith(_JPEG_SOI + b"\xff"):
+        return "JPEG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
     return None
 
 
@@ -361,9 +386,25 @@ def png_chunk(ctype: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + ctype + payload + struct.pack(">I", zlib.crc32(ctype + payload))
 
 
-def _splice_png(image: bytes, exif: bytes | None, icc: bytes | None) -> Injected:
-    chunks = png_chunks(image)
-    colour_type = image[chunks[0][1] + 17]  # IHDR: width(4) height(4) depth(1) colour type(1)
+PNG_HEAD: Final = len(_PNG_SIGNATURE) + 25  # signature + IHDR (length, type, 13 bytes, CRC)
+
+
+@dataclass(frozen=True)
+class PngSplice:
+    """What splicing does to a PNG: ``insert`` goes right after IHDR (the first :data:`PNG_HEAD`
+    bytes), every chunk whose type is in ``drop`` is left out wherever it is. Nothing to insert
+    means the file stays exactly as it is."""
+
+    insert: tuple[bytes, ...]
+    drop: frozenset[bytes]
+    skipped: tuple[str, ...]
+
+
+def png_splice(head: bytes | bytearray | memoryview, exif: bytes | None, icc: bytes | None) -> PngSplice:
+    """The splice for a PNG, decided from its first :data:`PNG_HEAD` bytes (only IHDR is read)."""
+    if len(head) < PNG_HEAD or bytes(head[8:16]) != b"\x00\x00\x00\x0dIHDR":
+        raise MalformedError("PNG does not start with a 13-byte IHDR")
+    colour_type = head[25]  # IHDR: width(4) height(4) depth(1) colour type(1)
     problem = None if icc is None else _icc_problem(icc, b"GRAY" if colour_type in _PNG_GREY_TYPES else b"RGB ")
     new: list[bytes] = []
     drop: set[bytes] = set()
@@ -374,13 +415,17 @@ def _splice_png(image: bytes, exif: bytes | None, icc: bytes | None) -> Injected
     if exif is not None:
         new.append(png_chunk(b"eXIf", exif))  # eXIf must precede IDAT; only one is allowed
         drop.add(b"eXIf")
-    skipped = (problem,) if problem else ()
-    if not new:
-        return Injected((image,), skipped)
+    return PngSplice(tuple(new), frozenset(drop), (problem,) if problem else ())
+
+
+def _splice_png(image: bytes, exif: bytes | None, icc: bytes | None) -> Injected:
+    chunks = png_chunks(image)
+    plan = png_splice(image[:PNG_HEAD], exif, icc)
+    if not plan.insert:
+        return Injected((image,), plan.skipped)
     view = memoryview(image)
-    kept = _merged_views(view, [(start, end) for ctype, start, end in chunks[1:] if ctype not in drop])
-    ihdr_end = chunks[0][2]
-    return Injected(_nonempty([view[:ihdr_end], *new, *kept, view[chunks[-1][2]:]]), skipped)
+    kept = _merged_views(view, [(start, end) for ctype, start, end in chunks[1:] if ctype not in plan.drop])
+    return Injected(_nonempty([view[:PNG_HEAD], *plan.insert, *kept, view[chunks[-1][2]:]]), plan.skipped)
 
 
 def _merged_views(view: memoryview, spans: list[tuple[int, int]]) -> list[memoryview]:
@@ -445,33 +490,39 @@ def _is_app(data: bytes, span: Span, marker: int, signature: bytes) -> bool:
     return span[0][0] == marker and data[span[1] + 4:span[1] + 4 + len(signature)] == signature
 
 
-def _splice_jpeg(image: bytes, exif: bytes | None, icc: bytes | None) -> Injected:
-    segments, sos = _jpeg_header_segments(image)
+def splice_jpeg_head(head: bytes, exif: bytes | None, icc: bytes | None) -> Injected:
+    """The splice of a JPEG, applied to its first bytes: ``head`` must reach past the first scan's
+    header (else MalformedError); the parts end with ``head``'s bytes from that scan on, so the
+    rest of the file simply follows them. Everything it changes (APP segments) comes before it."""
+    segments, sos = _jpeg_header_segments(head)
     skipped: list[str] = []
     if exif is not None and len(exif) > _JPEG_MAX_EXIF:
         # One APP1 segment cannot hold it, and multi-segment EXIF is not a standard anyone reads.
         skipped.append(f"exif: {len(exif)} bytes exceed the {_JPEG_MAX_EXIF}-byte JPEG APP1 limit")
         exif = None
     if icc is not None:
-        problem = _icc_problem(icc, _jpeg_colour_space(image, segments))
+        problem = _icc_problem(icc, _jpeg_colour_space(head, segments))
         if problem is None and len(icc) > 255 * _ICC_CHUNK:  # the sequence number is one byte
             problem = f"icc: {len(icc)} bytes need more than 255 APP2 segments"
         if problem is not None:
             skipped.append(problem)
             icc = None
     if exif is None and icc is None:
-        return Injected((image,), tuple(skipped))
+        return Injected((head,), tuple(skipped))
     new = [jpeg_segment(_JPEG_APP1, EXIF_HEADER + exif)] if exif is not None else []
     new += _icc_app2_segments(icc) if icc is not None else []
     kept = [span for span in segments
-            if not (exif is not None and _is_app(image, span, _JPEG_APP1, EXIF_HEADER))
-            and not (icc is not None and _is_app(image, span, _JPEG_APP2, _ICC_SIGNATURE))]
+            if not (exif is not None and _is_app(head, span, _JPEG_APP1, EXIF_HEADER))
+            and not (icc is not None and _is_app(head, span, _JPEG_APP2, _ICC_SIGNATURE))]
     # JFIF (and its JFXX extension) must stay directly after SOI; EXIF and ICC follow it.
     lead = next((i for i, span in enumerate(kept) if span[0][0] != _JPEG_APP0), len(kept))
-    view = memoryview(image)
+    view = memoryview(head)
     spans = [(start, end) for _, start, end in kept]
-    after = _merged_views(view, [*spans[lead:], (sos, len(image))])
+    after = _merged_views(view, [*spans[lead:], (sos, len(head))])
     return Injected(_nonempty([_JPEG_SOI, *_merged_views(view, spans[:lead]), *new, *after]), tuple(skipped))
+
+
+_splice_jpeg = splice_jpeg_head  # the whole file is a head that reaches past the first scan's header
 
 
 # ---------------------------------------------------------------------------------------------- WebP
@@ -550,3 +601,7 @@ def _splice_webp(image: bytes, exif: bytes | None, icc: bytes | None) -> Injecte
     chunk_data = [riff_chunk(b"VP8X", bytes((flags, 0, 0, 0)) + canvas), *(data for _, data in parts)]
     riff_size = 4 + sum(len(data) for data in chunk_data)
     return Injected(_nonempty([b"RIFF", struct.pack("<I", riff_size), b"WEBP", *chunk_data]), skipped)
+
+
+_SPLICERS: Final[dict[str, Callable[[bytes, bytes | None, bytes | None], Injected]]] = {
+    "PNG": _splice_png, "JPEG": _splice_jpeg, "WEBP": _splice_webp}

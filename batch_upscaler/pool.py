@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from batch_upscaler import __version__
 from batch_upscaler.budget import Budget
@@ -33,14 +34,16 @@ from batch_upscaler.clock import Clock, sleep_unless
 from batch_upscaler.discovery import printable
 from batch_upscaler.errors import FatalBackendError, OutputUnavailable, StateUnavailable
 from batch_upscaler.finishing import Finished, finish, image_size
-from batch_upscaler.imagecheck import StructureError, check_encoded
+from batch_upscaler.imagecheck import Structure, StructureError, check_encoded
 from batch_upscaler.outage import Admission, Breaker
 from batch_upscaler.payload import Payload, PayloadError, build_payload
 from batch_upscaler.ratelimit import RateLimiter
 from batch_upscaler.retry import Action, AttemptError, Backoff, decide, is_service_state, possibly_billed
 from batch_upscaler.settings import JobSettings, request_fingerprint
-from batch_upscaler.storage.base import OutputNote, OutputPathError, OutputStore, SourceError
+from batch_upscaler.storage.base import OutputNote, OutputPathError, OutputStore, SourceError, StagingStore
 from batch_upscaler.storage.edge import Sources
+from batch_upscaler.storage.staging import Spilled, StagedFile, storage_refuses
+from batch_upscaler.streaming import CheckedSink, ImageSink, MemorySink, Received, SplicingSink, feed_bytes
 from batch_upscaler.unsent import UnsentNote, UnsentOutputs
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,17 @@ class Invoker(Protocol):
         ...
 
 
+@runtime_checkable
+class StreamingInvoker(Invoker, Protocol):
+    """A transport that decodes the image into a sink while the answer arrives (BedrockInvoker)."""
+
+    async def invoke_into(self, body: bytes, sink: ImageSink[T]) -> T | AttemptError: ...
+
+
+# An image that came back: whole in memory (the buffered path), or streamed through a sink.
+Returned = bytes | Received[Any]
+
+
 @dataclass
 class PoolStats:
     requests: int = 0
@@ -86,7 +100,7 @@ class WorkerPool:
                  budget: Budget | None = None, request_stop: Callable[[str], None] | None = None,
                  only: frozenset[str] | None = None, breaker: Breaker | None = None,
                  unsent: UnsentOutputs | None = None, name_of: Callable[[WorkItem], str] | None = None,
-                 offload: Offload = asyncio.to_thread) -> None:
+                 offload: Offload = asyncio.to_thread, buffered: bool = False) -> None:
         self.settings = settings
         self.checkpoint = checkpoint
         self.invoker = invoker
@@ -108,6 +122,8 @@ class WorkerPool:
         self.unsent = unsent or UnsentOutputs(settings.state_dir)
         self.name_of = name_of or (lambda item: f"{item.source}:{item.relpath}")
         self.offload = offload
+        # Benchmarks only (RunOptions.buffered_responses): each answer held whole, as before streaming.
+        self.buffered = buffered
         self.backoff = Backoff(limits.backoff_base_s, limits.backoff_max_s)
         self.stats = PoolStats()
         self.params_hash = request_fingerprint(settings)
@@ -210,7 +226,7 @@ class WorkerPool:
             return state
         return None
 
-    async def _attempts(self, item: WorkItem, payload: Payload) -> bytes | AttemptError | None:
+    async def _attempts(self, item: WorkItem, payload: Payload) -> Returned | AttemptError | None:
         """Attempts until an image comes back, the item fails, or the run stops (None)."""
         limits = self.settings.limits
         billed_cap = limits.possibly_billed_resends + 1
@@ -232,7 +248,7 @@ class WorkerPool:
             result = await self._send(item, payload)
             if result is None:
                 return None
-            if isinstance(result, bytes):
+            if not isinstance(result, AttemptError):
                 self.breaker.on_healthy(sent_at)
                 self.limiter.on_success()
                 return result
@@ -296,7 +312,7 @@ class WorkerPool:
             retry_after = min(retry_after, self.settings.limits.retry_after_max_s)
         self.limiter.on_throttle(retry_after)
 
-    async def _send(self, item: WorkItem, payload: Payload) -> bytes | AttemptError | None:
+    async def _send(self, item: WorkItem, payload: Payload) -> Returned | AttemptError | None:
         """One attempt, once the rate and the budget allow it; None when the run stops first.
 
         The rate comes first: a price reserved is then spent at once, so every request that fits the
@@ -309,6 +325,8 @@ class WorkerPool:
             return None
         self.checkpoint.count_attempt(item.key)
         self.stats.requests += 1
+        if not self.buffered:
+            return await self._receive(payload)
         result = await self.invoker.invoke(payload.body)
         if isinstance(result, bytes):
             problem = _check_returned(result, payload)
@@ -316,7 +334,59 @@ class WorkerPool:
                 return AttemptError("bad_response", problem)
         return result
 
-    async def _store(self, item: WorkItem, payload: Payload, returned: bytes) -> ItemState | None:
+    # ---- streamed answers (see streaming.py): the image goes to its sink while it arrives ----------
+    async def _receive(self, payload: Payload) -> Received[Any] | AttemptError:
+        """One attempt, its image checked on the way (as _check_returned does) into its sink."""
+        sink = CheckedSink(self._sink_for(payload), functools.partial(_judge, payload=payload))
+        if isinstance(self.invoker, StreamingInvoker):
+            return await self.invoker.invoke_into(payload.body, sink)
+        result = await self.invoker.invoke(payload.body)  # a transport that only returns bytes
+        return result if isinstance(result, AttemptError) else await feed_bytes(result, sink)
+
+    def _sink_for(self, payload: Payload) -> ImageSink[Any]:
+        """The usual output: metadata spliced in, straight into a staging file. A padded one is held in
+        memory: cropping the padding off decodes it anyway (finishing.finish)."""
+        if payload.plan.content_box is None and isinstance(self.outputs, StagingStore):
+            try:
+                return SplicingSink(self.outputs.open_sink(self.offload), payload.metadata)
+            except OSError:  # no staging directory: held in memory, write_atomic will say why it cannot write
+                pass
+        return MemorySink()
+
+    async def _store_received(self, item: WorkItem, payload: Payload, received: Received[Any]) -> ItemState | None:
+        size = (received.image.width, received.image.height)
+        stored = received.stored
+        if isinstance(stored, StagedFile):
+            return await self._adopt(item, payload, stored, size)
+        if isinstance(stored, Spilled):  # the staging file could not be written: the output is in memory
+            if stored.parts is not None:
+                return await self._write(item, Finished(stored.parts, size), payload)
+            if storage_refuses(stored.error):
+                self.request_stop(f"the output storage refuses writes: {stored.error}")
+                return None
+            return self._fail(item, "output_write_failed", f"output_write_failed: {item.output_path}: {stored.error}")
+        return await self._store(item, payload, stored)
+
+    async def _adopt(self, item: WorkItem, payload: Payload, staged: StagedFile,
+                     size: tuple[int, int]) -> ItemState | None:
+        """Put the staged output in place. If that fails, its bytes take the path of any output held in
+        memory (write_atomic and its handling: a full disk keeps the image for the next run)."""
+        assert isinstance(self.outputs, StagingStore)
+        mtime = item.mtime_ns if self.settings.metadata.mtime and item.mtime_ns else None
+        try:
+            written = await self.outputs.adopt(staged, item.output_path, mtime, self._note(item, payload, size))
+        except (OSError, OutputPathError, OutputUnavailable) as exc:
+            log.debug("could not put %s in place (%s): writing it again", staged.path, exc)
+            data = await self.offload(_take_back, self.outputs, staged)
+            if data is None:
+                return self._fail(item, "output_write_failed", f"output_write_failed: {item.output_path}: {exc}")
+            return await self._write(item, Finished((data,), size), payload)
+        self._succeeded(item, written.size, written.digest, size, payload)
+        return ItemState.SUCCEEDED
+
+    async def _store(self, item: WorkItem, payload: Payload, returned: Returned) -> ItemState | None:
+        if isinstance(returned, Received):
+            return await self._store_received(item, payload, returned)
         try:
             final = await self.offload(finish, returned, payload.plan, payload.metadata)
         except (OSError, ValueError, SyntaxError) as exc:
@@ -326,8 +396,7 @@ class WorkerPool:
     async def _write(self, item: WorkItem, output: Finished, payload: Payload,
                      dedup_of: str | None = None) -> ItemState | None:
         mtime = item.mtime_ns if self.settings.metadata.mtime and item.mtime_ns else None
-        note = OutputNote(item.key, item.etag, payload.content_sha256, self.params_hash, "", output.size,
-                          payload.sent.size, __version__)
+        note = self._note(item, payload, output.size)
         try:
             written = await self.outputs.write(item.output_path, output.parts, mtime, note)
         except OutputUnavailable as exc:
@@ -341,10 +410,19 @@ class WorkerPool:
             if dedup_of is None:  # paid for: kept, and written (uploaded) by the next run before anything is sent
                 await self.offload(self.unsent.keep, self._unsent_note(item, payload, output, mtime), output.parts)
             return self._fail(item, "output_write_failed", f"output_write_failed: {item.output_path}: {exc}")
-        self.checkpoint.succeed(item.key, written.size, output.size, payload.sent.size, dedup_of, written.digest)
+        self._succeeded(item, written.size, written.digest, output.size, payload, dedup_of)
+        return ItemState.SUCCEEDED
+
+    def _succeeded(self, item: WorkItem, size: int, digest: str, image_size: tuple[int, int] | None,
+                   payload: Payload, dedup_of: str | None = None) -> None:
+        self.checkpoint.succeed(item.key, size, image_size, payload.sent.size, dedup_of, digest)
         log.debug("succeeded %s", printable(self.name_of(item)),
                   extra={"event": "item_succeeded", "file": printable(self.name_of(item))})
-        return ItemState.SUCCEEDED
+
+    def _note(self, item: WorkItem, payload: Payload, size: tuple[int, int] | None) -> OutputNote:
+        """How the output was made, for stores whose outputs carry it (S3 metadata: proof of work)."""
+        return OutputNote(item.key, item.etag, payload.content_sha256, self.params_hash, "", size,
+                          payload.sent.size, __version__)
 
     def _unsent_note(self, item: WorkItem, payload: Payload, output: Finished, mtime: int | None) -> UnsentNote:
         return UnsentNote(item.key, self.params_hash, item.size, item.mtime_ns, payload.content_sha256, output.size,
@@ -361,16 +439,24 @@ _FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
 def _check_returned(data: bytes, payload: Payload) -> str | None:
-    """Why the returned bytes are not the image this request must produce, or None.
+    """Why the returned bytes are not the image this request must produce, or None (buffered path)."""
+    found: Structure | StructureError
+    try:
+        found = check_encoded(data)
+    except StructureError as exc:
+        found = exc
+    return _judge(found, payload)
+
+
+def _judge(found: Structure | StructureError, payload: Payload) -> str | None:
+    """Why a returned image with this structure check result is not the one this request must produce.
 
     Structure only (chunk CRCs, markers, RIFF length) and the header's size: no pixel decode on
     the hot path. The model keeps the sent image's aspect ratio, so a returned size that does not
     is a broken answer, as is an image in another format than the one asked for.
     """
-    try:
-        found = check_encoded(data)
-    except StructureError as exc:
-        return f"returned image is damaged: {exc}"
+    if isinstance(found, StructureError):
+        return f"returned image is damaged: {found}"
     wanted = _FORMAT_NAMES[payload.output_format]
     if found.format != wanted:
         return f"returned a {found.format} image, {wanted} was asked for"
@@ -379,6 +465,16 @@ def _check_returned(data: bytes, payload: Payload) -> str | None:
     if abs(found.height - expected_h) > max(2.0, 0.01 * expected_h):
         return f"returned {found.width}x{found.height} for a {sent_w}x{sent_h} request (aspect ratio not kept)"
     return None
+
+
+def _take_back(outputs: StagingStore, staged: StagedFile) -> bytes | None:
+    """A staged output's bytes, and the staged file removed (None: it cannot be read)."""
+    try:
+        return staged.path.read_bytes()
+    except OSError:
+        return None
+    finally:
+        outputs.discard(staged)
 
 
 def _clock_time(wall: float | None) -> str:

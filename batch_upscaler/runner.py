@@ -268,7 +268,8 @@ async def _execute(settings: JobSettings, options: RunOptions, checkpoint: Check
                               invoker=BedrockInvoker(client, settings.model_id), outputs=storage.outputs,
                               sources=storage.sources, limiter=limiter, clock=clock, rng=rng, stop=stop,
                               on_done=progress.item_done, limit=options.limit, only=only,
-                              name_of=lambda item: storage.sources.display(item.source, item.relpath, item.key))
+                              name_of=lambda item: storage.sources.display(item.source, item.relpath, item.key),
+                              buffered=options.buffered_responses)
             outcome.stats = pool.stats
             outcome.budget = pool.budget
             await _supervise(pool, options, checkpoint, storage, outcome, signals, progress, stop, settings)

@@ -197,17 +197,17 @@ class JobSettings:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
     @property
-    def _state_stem(self) -> str:
+    def state_stem(self) -> str:
         """The job's name, and its shard's label when sharded (two shards never share a checkpoint or lock)."""
         return f"{self.name}.shard-{self.shard.label}" if self.shard.sharded else self.name
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.state_dir / f"{self._state_stem}.sqlite"
+        return self.state_dir / f"{self.state_stem}.sqlite"
 
     @property
     def lock_path(self) -> Path:
-        return self.state_dir / f"{self._state_stem}.lock"
+        return self.state_dir / f"{self.state_stem}.lock"
 
     @property
     def report_dir(self) -> Location:
@@ -234,6 +234,7 @@ class RunOptions:
     metrics_interval_s: float = 15.0
     verify_outputs: bool = False  # redo a finished item whose output is not byte-for-byte what was written
     strict_exit: bool = False  # exit 1 for any failed item, not only for failures of this run
+    buffered_responses: bool = False  # benchmarks only: hold each answer whole, as before streaming (bench/cost.py)
 
 
 def request_fingerprint(settings: JobSettings) -> str:

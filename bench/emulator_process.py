@@ -33,6 +33,7 @@ class EmulatorSpec:
     latency_median_s: float | None = None
     latency_sigma: float = 0.0
     canned_output: bool = True
+    canned_noise: bool = False  # the canned output is per-pixel noise (~29 MB at 9.7 MP)
     output_max_pixels: int | None = None
     seed: int = 0
     port: int = 0  # 0: any free port; a fixed one restarts an emulator where a run expects it
@@ -46,7 +47,8 @@ class EmulatorSpec:
         for flag, value in optional.items():
             if value is not None:
                 args += [flag, str(value)]
-        return args + (["--canned-output"] if self.canned_output else []) + list(self.extra)
+        canned = (["--canned-output"] if self.canned_output else []) + (["--canned-noise"] if self.canned_noise else [])
+        return args + canned + list(self.extra)
 
 
 class EmulatorProcess:

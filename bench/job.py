@@ -44,6 +44,7 @@ class JobSpec:
     output_format: str = "png"
     limits: tuple[tuple[str, Any], ...] = ()  # more limits.* keys (e.g. quota_lookup)
     state_dir: Path | None = None  # default: <work_dir>/state
+    buffered: bool = False  # hold each answer whole, as before streaming (RunOptions.buffered_responses)
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,10 @@ def write_manifest(spec: JobSpec) -> Path:
 
 def run(spec: JobSpec, max_duration_s: float | None = None) -> JobRun:
     """Run the job to the end (or until ``max_duration_s``, then drain) and return its figures."""
-    return run_manifest(write_manifest(spec), max_duration_s)
+    return run_manifest(write_manifest(spec), max_duration_s, spec.buffered)
 
 
-def run_manifest(manifest: Path, max_duration_s: float | None = None) -> JobRun:
+def run_manifest(manifest: Path, max_duration_s: float | None = None, buffered: bool = False) -> JobRun:
     """``run`` for a manifest already written (``started_at`` is taken after loading it)."""
     use_dummy_credentials()
     settings = load_settings(manifest)
@@ -112,7 +113,8 @@ def run_manifest(manifest: Path, max_duration_s: float | None = None) -> JobRun:
     runner_log.setLevel(logging.INFO)
     started = time.time()
     try:
-        result = run_job(settings, RunOptions(show_progress=False, max_duration_s=max_duration_s, grace_s=30.0))
+        result = run_job(settings, RunOptions(show_progress=False, max_duration_s=max_duration_s, grace_s=30.0,
+                                              buffered_responses=buffered))
     finally:
         runner_log.removeHandler(watcher)
         runner_log.setLevel(old_level)

@@ -98,12 +98,15 @@ def test_remembered_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
 
 
 def test_cost_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
-    rows = _rows(_result(smoke_results, "cost"), {"concurrency", "images", "failed", "output_mb", "runner_cpu_ms",
-                                         "floor_cpu_ms", "ratio", "user_ratio", "peak_rss_mb"})
-    assert [row["concurrency"] for row in rows] == [8, 32]
+    columns = {"variant", "concurrency", "images", "failed", "output_mb", "runner_cpu_ms", "floor_cpu_ms", "ratio",
+               "user_ratio", "peak_rss_mb"}
+    rows = _rows(_result(smoke_results, "cost"), columns)
+    assert [row["variant"] for row in rows] == ["buffered c=8 photo", "streamed c=8 photo", "buffered c=32 photo",
+                                                "streamed c=32 photo", "buffered c=32 noise", "streamed c=32 noise"]
     for row in rows:
         assert row["failed"] == 0 and row["succeeded"] == row["images"] > 0
-        assert row["output_mb"] > 5  # the ~9.7 MP PNG really came back
+        # the ~9.7 MP PNG really came back: the upscale of a photo, or noise (~29 MB)
+        assert row["output_mb"] > (25 if row["output"] == "noise" else 5)
         assert row["runner_cpu_ms"] > 0 and row["floor_cpu_ms"] > 0 and 30 < row["peak_rss_mb"] < 4000
 
 

@@ -323,3 +323,39 @@ def test_doctor_checks_the_buckets_and_names_the_missing_iam_actions(
         assert "fix: grant s3:PutObject on arn:aws:s3:::archive-upscaled/photos/*" in out
     finally:
         proxy.stop()
+
+
+def test_outputs_stream_through_a_staging_file_and_large_ones_upload_in_parts(
+        tmp_path: Path, s3: MotoS3, emulator_factory: EmulatorFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13: an S3 output is staged on local disk while it arrives (never whole in memory), then
+    uploaded: one PutObject when small, a multipart upload above the part size, with the same proof
+    of work either way."""
+    import random
+    import sqlite3
+
+    import xxhash
+
+    from batch_upscaler.storage import s3 as s3_storage
+
+    monkeypatch.setattr(s3_storage, "PART_BYTES", 5 * 1024 * 1024)  # S3's smallest part: a test-sized output
+    s3.bucket("archive")
+    s3.bucket("archive-upscaled")
+    noise = Image.frombytes("RGB", (700, 700), random.Random(3).randbytes(700 * 700 * 3))
+    big = io.BytesIO()
+    noise.save(big, "PNG")
+    s3.put("archive", "photos/2019/noise.png", big.getvalue())
+    s3.put("archive", "photos/2019/small.png", image_bytes(90, 80))
+    emulator = emulator_factory(output_max_pixels=3_000_000)
+    manifest = s3_manifest(tmp_path, emulator, s3.endpoint_url, sources=["s3://archive/photos/"])
+    assert main(["run", str(manifest)]) == 0
+    with sqlite3.connect(tmp_path / ".batch-upscaler" / "job.sqlite") as conn:
+        digests = dict(conn.execute("SELECT output_path, output_digest FROM items"))
+    for name, multipart in (("noise.png", True), ("small.png", False)):
+        body = s3.get("archive-upscaled", f"photos/2019/{name}")
+        head = s3.head("archive-upscaled", f"photos/2019/{name}")
+        assert xxhash.xxh3_128(body).hexdigest() == digests[f"2019/{name}"] == head["Metadata"]["bu-digest"]
+        assert head["ETag"].strip('"').endswith("-2") is multipart, (name, len(body), head["ETag"])
+        assert head["Metadata"]["bu-source"].startswith("s3://archive/photos/2019/")
+    assert len(s3.get("archive-upscaled", "photos/2019/noise.png")) > 5 * 1024 * 1024
+    staged = [p for p in (tmp_path / ".batch-upscaler" / "s3-staging").rglob("*") if p.is_file()]
+    assert staged == []  # uploaded files are removed, and so is the run's staging folder

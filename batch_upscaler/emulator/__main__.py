@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--png-compress-level", type=int, default=1)
     parser.add_argument("--canned-output", action="store_true",
                         help="benchmarks only: one output per (size, format), whatever the input")
+    parser.add_argument("--canned-noise", action="store_true",
+                        help="benchmarks only, with --canned-output: the output is per-pixel noise "
+                             "(~29 MB as a 9.7 MP PNG, the worst case for size)")
     parser.add_argument("--fault-rates", type=json.loads, default={},
                         help='JSON object, e.g. \'{"throttle": 0.1, "internal_error": 0.02}\'')
     parser.add_argument("--fault-window", type=_window, default=None, metavar="START:END",
@@ -67,7 +70,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EmulatorConfig:
             port=args.port, latency_s=args.latency, latency_median_s=args.latency_median,
             latency_sigma=args.latency_sigma, quota_rpm=args.quota_rpm, quota_burst=args.quota_burst,
             output_max_pixels=args.output_max_pixels, png_compress_level=args.png_compress_level,
-            canned_output=args.canned_output, seed=args.seed, slow_s=args.slow,
+            canned_output=args.canned_output, canned_noise=args.canned_noise, seed=args.seed, slow_s=args.slow,
             fault_rates={FaultKind(name): float(rate) for name, rate in args.fault_rates.items()},
             request_log_path=args.log, deny_access=args.deny_access, quotas_denied=args.quotas_denied,
             fault_window=args.fault_window,

@@ -163,7 +163,7 @@ class _Invoker:
         self._seeds = random.Random(f"seeds-{config.seed}")
         self._buckets: dict[ModelName, TokenBucket] = {}
         self._latency = LatencyModel.from_config(config)
-        self._canned = (CannedOutputs(config.output_max_pixels, config.png_compress_level)
+        self._canned = (CannedOutputs(config.output_max_pixels, config.png_compress_level, config.canned_noise)
                         if config.canned_output else None)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:

@@ -40,6 +40,7 @@ class EmulatorConfig:
     latency_median_s: float | None = None  # set: lognormal latency with this median instead
     latency_sigma: float = 0.0  # spread of the lognormal (sigma of the underlying normal)
     canned_output: bool = False  # benchmarks: one output per (size, format), whatever the input
+    canned_noise: bool = False  # benchmarks: the canned output is per-pixel noise (~29 MB as a 9.7 MP PNG)
     quota_rpm: float | None = None  # None = unlimited
     quota_burst: int = 1
     output_max_pixels: int | None = None  # cap keeping aspect; None = the catalogue's size
@@ -89,6 +90,7 @@ def _problems(config: EmulatorConfig) -> list[str]:
          f"output_max_pixels {config.output_max_pixels} < 1"),
         (0 <= config.png_compress_level <= 9, f"png_compress_level {config.png_compress_level} not in 0..9"),
         (FaultKind.NONE not in config.fault_rates, "fault_rates cannot give a rate for NONE"),
+        (config.canned_output or not config.canned_noise, "canned_noise needs canned_output"),
         (config.fault_window is None or 0 <= config.fault_window[0] <= config.fault_window[1],
          f"fault_window {config.fault_window} must be 0 <= start <= end"),
         (config.retry_after_s is None or config.retry_after_s >= 0, f"retry_after_s {config.retry_after_s} < 0"),

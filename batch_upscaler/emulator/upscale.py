@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import random
 import threading
 from dataclasses import dataclass
 
@@ -144,11 +145,16 @@ class CannedOutputs:
     get the same image back -- its content does not depend on their input. This keeps the
     emulator's CPU out of a benchmark that measures the client. Thread-safe (renders run in
     worker threads).
+
+    ``noise``: the image is per-pixel noise of the output size instead of the upscaled input, the
+    worst case for size (a 9.7 MP PNG of ~29 MB, like a real output of a detailed photo at the
+    top of its range, where the upscale of a photo compresses to ~8.5 MB).
     """
 
-    def __init__(self, max_pixels: int | None = None, png_compress_level: int = 1) -> None:
+    def __init__(self, max_pixels: int | None = None, png_compress_level: int = 1, noise: bool = False) -> None:
         self._max_pixels = max_pixels
         self._level = png_compress_level
+        self._noise = noise
         self._lock = threading.Lock()
         self._images: dict[tuple[tuple[int, int], str], CannedImage] = {}
 
@@ -160,7 +166,13 @@ class CannedOutputs:
         with self._lock:  # one render per key, even when its first requests arrive together
             canned = self._images.get((size, output_format))
             if canned is None:
-                data = upscale(image, spec, output_format, max_pixels=self._max_pixels,
-                               png_compress_level=self._level).data
+                data = (encode(noise_image(size), output_format, self._level) if self._noise else
+                        upscale(image, spec, output_format, max_pixels=self._max_pixels,
+                                png_compress_level=self._level).data)
                 canned = self._images[(size, output_format)] = CannedImage(data, b64encode(data))
         return UpscaleResult(canned.data, output_format, input_size, size), canned.b64
+
+
+def noise_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """Seeded per-pixel RGB noise: it does not compress, so its PNG is as large as a PNG gets."""
+    return Image.frombytes("RGB", size, random.Random(seed).randbytes(size[0] * size[1] * 3))

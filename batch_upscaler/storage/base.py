@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from batch_upscaler.probe import ImageHeader, Refusal
+
+if TYPE_CHECKING:
+    from batch_upscaler.storage.staging import Offload, Spilled, StagedFile
+    from batch_upscaler.streaming import ImageSink
 
 # An output file as consecutive parts (the returned image's bytes around spliced metadata chunks),
 # written one after another so the file is never first assembled into a second ~10 MB buffer.
@@ -113,6 +117,18 @@ class OutputStore(Protocol):
     async def probe_writable(self) -> None: ...
     async def clean_stale_staging(self) -> int: ...
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class StagingStore(Protocol):
+    """An :class:`OutputStore` that takes an output while it arrives: a sink writes it to a local
+    staging file (metadata spliced, checked, digested on the way), ``adopt`` puts it in place
+    (local: a rename; S3: an upload from the file), ``discard`` drops it. The whole image is never
+    held in memory."""
+
+    def open_sink(self, offload: Offload) -> ImageSink[StagedFile | Spilled]: ...
+    async def adopt(self, staged: StagedFile, relpath: str, mtime_ns: int | None, note: OutputNote) -> Written: ...
+    def discard(self, staged: StagedFile) -> None: ...
 
 
 def owner_problem(root: str, marker: str, jobs: dict[str, dict[str, bool]], job: str, shared: bool) -> str | None:

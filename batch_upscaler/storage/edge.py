@@ -171,7 +171,8 @@ async def open_storage(settings: JobSettings, session: AioSession | None = None)
         outputs: OutputStore
         if isinstance(settings.output_dir, S3Url):
             assert access is not None
-            outputs = S3OutputStore(access, settings.output_dir)
+            staging = LocalOutputStore(settings.state_dir / "s3-staging" / settings.state_stem)
+            outputs = S3OutputStore(access, settings.output_dir, staging)
         else:
             outputs = LocalOutputStore(settings.output_dir, settings.base_dir)
         yield Storage(Sources(settings, access), outputs, _reports(settings, access), access)
@@ -180,7 +181,6 @@ async def open_storage(settings: JobSettings, session: AioSession | None = None)
 def _reports(settings: JobSettings, access: S3Access | None) -> Reports:
     if isinstance(settings.report_dir, S3Url):
         assert access is not None
-        label = f"{settings.name}.shard-{settings.shard.label}" if settings.shard.sharded else settings.name
-        staging = settings.state_dir / "reports" / label  # written here, then uploaded
+        staging = settings.state_dir / "reports" / settings.state_stem  # written here, then uploaded
         return Reports(staging, str(settings.report_dir), S3OutputStore(access, settings.report_dir))
     return Reports(settings.report_dir, str(settings.report_dir))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -53,11 +52,11 @@ from batch_upscaler.storage.base import (
     Written,
     owner_problem,
 )
+from batch_upscaler.storage.staging import Offload, StagedFile, StagingFileSink, storage_refuses
 
 STAGING_DIR = ".batch-upscaler-tmp"
 OWNER_FILE = ".batch-upscaler-job.json"
 # The errors that say "this storage takes no more writes now", as opposed to "this one path is bad".
-STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
 _OLD_LAYOUT_GRACE_S = 3600.0  # loose staging files from versions before per-run staging
 # mkstemp creates 0600 files; outputs get the usual 0666 & ~umask. Read once, at import, while
 # the process is single-threaded (os.umask can only be read by setting it).
@@ -80,10 +79,6 @@ def digest_parts(parts: FileParts) -> str:
     for part in parts:
         hasher.update(part)
     return hasher.hexdigest()
-
-
-def storage_refuses(exc: OSError) -> bool:
-    return exc.errno in STORAGE_FULL_ERRNOS
 
 
 class LocalOutputStore:
@@ -239,6 +234,38 @@ class LocalOutputStore:
             raise
         _fsync_dir(target.parent)  # the rename itself must survive power loss
         return Written(sum(len(part) for part in parts), digest_parts(parts))
+
+    # ---- outputs that arrive as a stream (staging.StagingFileSink, then adopt) -------------------
+    def open_sink(self, offload: Offload) -> StagingFileSink:
+        """A sink that writes an output into this run's staging directory while it arrives."""
+        return StagingFileSink(self.staging(), offload, new_file_mode())
+
+    async def adopt(self, staged: StagedFile, relpath: str, mtime_ns: int | None, note: OutputNote) -> Written:
+        return await asyncio.to_thread(self.adopt_file, staged, relpath, mtime_ns)
+
+    def adopt_file(self, staged: StagedFile, relpath: str, mtime_ns: int | None = None) -> Written:
+        """Put a staged output (whole and fsynced: see open_sink) at ``relpath``, atomically.
+
+        What write_atomic does once its file is written: the mtime, the rename, the folder's fsync,
+        with the same errors. On an error the staged file stays (``discard`` removes it).
+        """
+        try:
+            target = self.path_of(relpath)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if mtime_ns is not None:
+                os.utime(staged.path, ns=(mtime_ns, mtime_ns))
+            os.replace(staged.path, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            if storage_refuses(exc):
+                raise OutputUnavailable(f"the output storage refuses writes: {self.root}: "
+                                        f"{exc.strerror or exc}") from exc
+            raise
+        return Written(staged.size, staged.digest)
+
+    def discard(self, staged: StagedFile) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(staged.path)
 
     def probe_root(self) -> None:
         """Before the first request: a real create + write + fsync + delete in the output root.

@@ -18,9 +18,12 @@ reports uploaded to a prefix — on aiobotocore, in the run's one AWS session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import itertools
 import json
 import logging
+import os
 import random
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -51,6 +54,8 @@ from batch_upscaler.storage.base import (
     Written,
     owner_problem,
 )
+from batch_upscaler.storage.local import LocalOutputStore
+from batch_upscaler.storage.staging import Offload, StagedFile, StagingFileSink
 from batch_upscaler.storage.urls import S3Url, key_problem, parse_s3
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ HEAD_BYTES = 1 << 16  # the first range read of a new object: enough for the hea
 TAIL_BYTES = 1 << 20  # the last range: where a JPEG's end-of-image marker is
 OWNER_KEY = ".batch-upscaler-job.json"
 _ATTEMPTS = 5
+PART_BYTES = 8 * 1024 * 1024  # a staged output above this is uploaded in parts of this size (S3's minimum is 5 MiB)
 _RETRY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
                           "ServiceUnavailable", "RequestTimeTooSkewed"})
 _MISSING_BUCKET = frozenset({"NoSuchBucket", "404", "NotFound"})
@@ -284,11 +290,14 @@ class S3OutputStore:
 
     carries_proof = True
 
-    def __init__(self, access: S3Access, url: S3Url) -> None:
+    def __init__(self, access: S3Access, url: S3Url, staging: LocalOutputStore | None = None) -> None:
         self.access = access
         self.bucket = url.bucket
         self.prefix = url.key if not url.key or url.key.endswith("/") else url.key + "/"
         self._keys: set[str] = set()  # relpaths under the prefix, listed once per run (and what it wrote)
+        # A local folder (in the state folder) where arriving outputs are staged before their upload:
+        # memory stays flat in output size, and a failed upload still has the paid image on disk.
+        self._staging = staging
 
     def _key(self, relpath: str) -> str:
         return self.prefix + relpath
@@ -350,6 +359,59 @@ class S3OutputStore:
         self._keys.add(relpath)
         return Written(len(body), digest)
 
+    # ---- outputs that arrive as a stream: staged in a local file, then uploaded -----------------------
+    def open_sink(self, offload: Offload) -> StagingFileSink:
+        if self._staging is None:
+            raise OSError("no local staging folder for S3 outputs")
+        return self._staging.open_sink(offload)
+
+    async def adopt(self, staged: StagedFile, relpath: str, mtime_ns: int | None, note: OutputNote) -> Written:
+        """Upload a staged output: one PutObject up to ``PART_BYTES``, a multipart upload above (one
+        part in memory at a time). The staged file is removed once uploaded; on an error it stays
+        for the caller (``discard``), and OSError says why."""
+        key = self._key(relpath)
+        meta = metadata_of(note, staged.digest)
+        try:
+            if staged.size <= PART_BYTES:
+                body = await asyncio.to_thread(staged.path.read_bytes)
+                await self.access.call(self.bucket, "s3:PutObject", "put_object", Key=key, Body=body,
+                                       ContentType=_content_type(key), Metadata=meta)
+            else:
+                await self._multipart(staged, key, meta)
+        except (ClientError, BotoCoreError) as exc:
+            raise OSError(f"upload to {self.shown(relpath)} failed: {exc}") from None
+        self._keys.add(relpath)
+        self.discard(staged)
+        return Written(staged.size, staged.digest)
+
+    async def _multipart(self, staged: StagedFile, key: str, meta: dict[str, str]) -> None:
+        upload = await self.access.call(self.bucket, "s3:PutObject", "create_multipart_upload", Key=key,
+                                        ContentType=_content_type(key), Metadata=meta)
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            with staged.path.open("rb") as fh:
+                for number in itertools.count(1):
+                    chunk = await asyncio.to_thread(fh.read, PART_BYTES)
+                    if not chunk:
+                        break
+                    part = await self.access.call(self.bucket, "s3:PutObject", "upload_part", Key=key,
+                                                  UploadId=upload_id, PartNumber=number, Body=chunk)
+                    parts.append({"PartNumber": number, "ETag": part["ETag"],
+                                  **{k: v for k, v in part.items() if k.startswith("Checksum")}})
+            await self.access.call(self.bucket, "s3:PutObject", "complete_multipart_upload", Key=key,
+                                   UploadId=upload_id, MultipartUpload={"Parts": parts})
+        except BaseException:
+            # Parts left behind cost storage: abort them (needs s3:AbortMultipartUpload; best effort).
+            with contextlib.suppress(Exception):
+                await self.access.call(self.bucket, "s3:AbortMultipartUpload", "abort_multipart_upload", Key=key,
+                                       UploadId=upload_id)
+            raise
+
+    def discard(self, staged: StagedFile) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(staged.path)
+
     async def _owners(self) -> dict[str, dict[str, bool]]:
         try:
             response = await self.access.call(self.bucket, "s3:GetObject", "get_object", Key=self._key(OWNER_KEY))
@@ -384,10 +446,14 @@ class S3OutputStore:
                                ContentType="application/json")
 
     async def clean_stale_staging(self) -> int:
-        return 0  # a PutObject is atomic: nothing half-written is ever left behind
+        # An upload is atomic (PutObject, or a multipart upload completed at once): nothing
+        # half-written is left in S3; dead runs' local staging files are removed here.
+        return 0 if self._staging is None else await self._staging.clean_stale_staging()
 
     async def close(self) -> None:
-        """Nothing to release: the clients belong to the run's S3Access."""
+        """The run's local staging folder goes; the clients belong to the run's S3Access."""
+        if self._staging is not None:
+            await self._staging.close()
 
     async def download(self, relpath: str, target: Path) -> bool:
         """An object under the prefix, streamed to a local file; False if it does not exist."""

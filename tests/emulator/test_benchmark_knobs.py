@@ -65,6 +65,23 @@ def test_canned_outputs_render_once_per_size_and_format() -> None:
     assert wide.output_size == (181, 90) and as_jpeg.output_format == "jpeg"
 
 
+def test_canned_noise_is_as_large_as_a_png_gets() -> None:
+    canned = CannedOutputs(max_pixels=200 * 200, noise=True)
+    noisy, _ = canned.upscale(make_image(64, 64), FAST_SPEC, "png")
+    again, _ = canned.upscale(make_image(64, 64, color=(9, 9, 9)), FAST_SPEC, "png")
+    assert again.data is noisy.data and noisy.output_size == (200, 200)
+    assert len(noisy.data) > 200 * 200 * 3  # noise does not compress
+    plain, _ = CannedOutputs(max_pixels=200 * 200).upscale(make_image(64, 64), FAST_SPEC, "png")
+    assert len(plain.data) < len(noisy.data) // 10
+    assert parse_config(["--canned-output", "--canned-noise"]).canned_noise is True
+
+
+def test_canned_noise_needs_canned_output(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(["--canned-noise"])
+    assert "canned_noise needs canned_output" in capsys.readouterr().err
+
+
 def test_canned_outputs_still_check_the_limits() -> None:
     with pytest.raises(ImageRejected, match="too_small"):
         CannedOutputs().upscale(make_image(40, 40), CONSERVATIVE_SPEC, "png")
