@@ -26,7 +26,7 @@ from batch_upscaler.checkpoint import Checkpoint, ItemState
 from batch_upscaler.discovery import printable
 from batch_upscaler.settings import JobSettings
 from batch_upscaler.storage.names import Names
-from batch_upscaler.thumbnails import SAMPLE_SIZE, StableSample, ThumbnailCache, version
+from batch_upscaler.thumbnails import SAMPLE_SIZE, THUMB_PX, StableSample, ThumbnailCache, version
 
 GROUP_LIST_LIMIT = 200  # files listed per failure/skip reason; the rest are counted (items.csv has all)
 _MESSAGE_CHARS = 160
@@ -76,7 +76,7 @@ class _Names:
 
 
 def render_html(settings: JobSettings, checkpoint: Checkpoint, header: Mapping[str, Any], *,
-                names: Names | None = None, sample_size: int = SAMPLE_SIZE, thumb_px: int = 160) -> str:
+                names: Names | None = None, sample_size: int = SAMPLE_SIZE, thumb_px: int = THUMB_PX) -> str:
     """The whole report.html document for ``settings``' job, as one string."""
     shown = _Names(settings, names)
     agg = _aggregate(checkpoint, shown, StableSample(sample_size))

@@ -44,6 +44,7 @@ from batch_upscaler.storage.base import OutputNote, OutputPathError, OutputStore
 from batch_upscaler.storage.edge import Sources
 from batch_upscaler.storage.staging import Spilled, StagedFile, storage_refuses
 from batch_upscaler.streaming import CheckedSink, ImageSink, MemorySink, Received, SplicingSink, feed_bytes
+from batch_upscaler.thumbnails import Picturable, PictureKeeper
 from batch_upscaler.unsent import UnsentNote, UnsentOutputs
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ class WorkerPool:
                  budget: Budget | None = None, request_stop: Callable[[str], None] | None = None,
                  only: frozenset[str] | None = None, breaker: Breaker | None = None,
                  unsent: UnsentOutputs | None = None, name_of: Callable[[WorkItem], str] | None = None,
-                 offload: Offload = asyncio.to_thread, buffered: bool = False) -> None:
+                 offload: Offload = asyncio.to_thread, buffered: bool = False,
+                 pictures: PictureKeeper | None = None) -> None:
         self.settings = settings
         self.checkpoint = checkpoint
         self.invoker = invoker
@@ -124,6 +126,7 @@ class WorkerPool:
         self.offload = offload
         # Benchmarks only (RunOptions.buffered_responses): each answer held whole, as before streaming.
         self.buffered = buffered
+        self.pictures = pictures  # report pictures of S3 items, from bytes the run already has
         self.backoff = Backoff(limits.backoff_base_s, limits.backoff_max_s)
         self.stats = PoolStats()
         self.params_hash = request_fingerprint(settings)
@@ -188,6 +191,7 @@ class WorkerPool:
             payload = await self.offload(build_payload, data, self.settings)
         except (SourceError, PayloadError) as exc:
             return self._fail(item, exc.code, str(exc))
+        await self._keep_picture(item, "before", f"{item.size}|{item.etag or item.mtime_ns}", data)
         del data  # the request body holds what is needed: the source's bytes can go
         self.checkpoint.record_content_hash(item.key, payload.content_sha256)
         digest = payload.content_sha256
@@ -373,6 +377,7 @@ class WorkerPool:
         memory (write_atomic and its handling: a full disk keeps the image for the next run)."""
         assert isinstance(self.outputs, StagingStore)
         mtime = item.mtime_ns if self.settings.metadata.mtime and item.mtime_ns else None
+        await self._keep_picture(item, "after", staged.digest, staged.path)  # an S3 upload removes the file
         try:
             written = await self.outputs.adopt(staged, item.output_path, mtime, self._note(item, payload, size))
         except (OSError, OutputPathError, OutputUnavailable) as exc:
@@ -410,6 +415,7 @@ class WorkerPool:
             if dedup_of is None:  # paid for: kept, and written (uploaded) by the next run before anything is sent
                 await self.offload(self.unsent.keep, self._unsent_note(item, payload, output, mtime), output.parts)
             return self._fail(item, "output_write_failed", f"output_write_failed: {item.output_path}: {exc}")
+        await self._keep_picture(item, "after", written.digest, output.parts)
         self._succeeded(item, written.size, written.digest, output.size, payload, dedup_of)
         return ItemState.SUCCEEDED
 
@@ -418,6 +424,11 @@ class WorkerPool:
         self.checkpoint.succeed(item.key, size, image_size, payload.sent.size, dedup_of, digest)
         log.debug("succeeded %s", printable(self.name_of(item)),
                   extra={"event": "item_succeeded", "file": printable(self.name_of(item))})
+
+    async def _keep_picture(self, item: WorkItem, side: str, version: str, image: Picturable) -> None:
+        """The report's picture of one side of an item it cannot read locally (thumbnails.py)."""
+        if self.pictures is not None and self.pictures.wanted(item.key, item.source, item.relpath, side):
+            await self.offload(self.pictures.keep, item.key, side, version, image)
 
     def _note(self, item: WorkItem, payload: Payload, size: tuple[int, int] | None) -> OutputNote:
         """How the output was made, for stores whose outputs carry it (S3 metadata: proof of work)."""

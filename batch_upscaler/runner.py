@@ -50,6 +50,7 @@ from batch_upscaler.settings import Backend, JobSettings, RunOptions, request_fi
 from batch_upscaler.signals import StopSignals
 from batch_upscaler.storage.edge import Storage, open_storage
 from batch_upscaler.storage.local import LocalOutputStore
+from batch_upscaler.thumbnails import THUMB_PX, PictureKeeper, ThumbnailCache
 from batch_upscaler.unsent import UnsentOutputs, deliver
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,17 @@ def shard_rate(settings: JobSettings) -> float | None:
     return limits.requests_per_minute / settings.shard.count
 
 
+def _pictures(settings: JobSettings, checkpoint: Checkpoint, storage: Storage) -> PictureKeeper | None:
+    """Report pictures of items the report cannot read locally (S3 sources or outputs), kept by the pool."""
+    names = storage.sources.names
+    remote_output = names.local_output("x") is None
+    if not remote_output and not names.s3:
+        return None  # all local: the report pictures the files themselves
+    population = sum(checkpoint.counts().values())
+    return PictureKeeper(ThumbnailCache(settings.state_dir / "thumbnails", THUMB_PX), population,
+                         lambda source, relpath: names.local_source(source, relpath) is None, remote_output)
+
+
 async def _start_rate(settings: JobSettings, checkpoint: Checkpoint, client: ClientSettings,
                       session: AioSession) -> StartChoice | None:
     """Where ``auto`` starts (ratememory.py); None for a fixed rate."""
@@ -269,7 +281,7 @@ async def _execute(settings: JobSettings, options: RunOptions, checkpoint: Check
                               sources=storage.sources, limiter=limiter, clock=clock, rng=rng, stop=stop,
                               on_done=progress.item_done, limit=options.limit, only=only,
                               name_of=lambda item: storage.sources.display(item.source, item.relpath, item.key),
-                              buffered=options.buffered_responses)
+                              buffered=options.buffered_responses, pictures=_pictures(settings, checkpoint, storage))
             outcome.stats = pool.stats
             outcome.budget = pool.budget
             await _supervise(pool, options, checkpoint, storage, outcome, signals, progress, stop, settings)

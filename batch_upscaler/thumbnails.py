@@ -17,18 +17,21 @@ import hashlib
 import heapq
 import io
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from PIL import Image
 
 THUMB_QUALITY = 70
+THUMB_PX = 160  # the report's pictures fit this square
 SAMPLE_SIZE = 24
 # The pool keeps pictures of S3 items whose rank falls in the lowest 8 × SAMPLE_SIZE / population:
 # enough that the report's sample is covered even when a quarter of the job has succeeded so far.
 KEEP_FACTOR = 8
 _RANK_SPACE = 1 << 64
+# What a picture is made from: bytes, an output's parts (joined only for a kept picture), or a file.
+Picturable = bytes | Sequence[bytes | memoryview] | Path
 _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
@@ -94,10 +97,15 @@ class ThumbnailCache:
         """The picture :meth:`keep` stored for one side ("before"/"after") of an item."""
         return self._read(self._item_entry(key, side, version))
 
-    def keep(self, key: str, side: str, version: str, image: bytes | BinaryIO) -> None:
-        """Make and store the picture of bytes already at hand (``version``: an etag or digest)."""
-        source = io.BytesIO(image) if isinstance(image, bytes | bytearray | memoryview) else image
-        self._store(self._item_entry(key, side, version), make_thumbnail(source, self.px))
+    def keep(self, key: str, side: str, version: str, image: Picturable) -> None:
+        """Make and store the picture of bytes already at hand (``version``: an etag or digest), or
+        of a local file about to go (an S3 output's staging file before its upload)."""
+        if isinstance(image, Path):
+            with contextlib.suppress(OSError), image.open("rb") as fh:
+                self._store(self._item_entry(key, side, version), make_thumbnail(fh, self.px))
+            return
+        data = image if isinstance(image, bytes) else b"".join(image)
+        self._store(self._item_entry(key, side, version), make_thumbnail(io.BytesIO(data), self.px))
 
     def _item_entry(self, key: str, side: str, version: str) -> Path:
         return self._entry(b"item|" + key.encode("utf-8", "surrogateescape") + f"|{side}|{version}".encode())
@@ -121,6 +129,25 @@ class ThumbnailCache:
                 tmp.write_text(uri, encoding="ascii")
                 os.replace(tmp, entry)
         return uri
+
+
+class PictureKeeper:
+    """The pool's part for items the report cannot picture from local files (S3 sources or outputs):
+    pictures made from the bytes the run already has, for the items likely to be in the sample."""
+
+    def __init__(self, cache: ThumbnailCache, population: int, remote_source: Callable[[str, str], bool],
+                 remote_output: bool) -> None:
+        self.cache = cache
+        self.population = population
+        self._remote_source = remote_source  # (source, relpath) -> the report cannot read it locally
+        self._remote_output = remote_output
+
+    def wanted(self, key: str, source: str, relpath: str, side: str) -> bool:
+        remote = self._remote_source(source, relpath) if side == "before" else self._remote_output
+        return remote and worth_keeping(key, self.population)
+
+    def keep(self, key: str, side: str, version: str, image: Picturable) -> None:
+        self.cache.keep(key, side, version, image)
 
 
 def make_thumbnail(image: BinaryIO, px: int) -> str | None:

@@ -93,6 +93,9 @@ def test_an_s3_archive_is_upscaled_into_another_prefix_with_proof_of_work(
     assert {i["source"] for i in rep["items"]} >= {"s3://archive/photos/2019/img1.png", "scans/local.png"}
     assert "_reports/report.html" in s3.keys("archive-upscaled", "_reports/")
     assert len(sent_shas(emulator)) == 5
+    # Before/after pictures of every S3 item, made from bytes the run had (no second download).
+    page = s3.get("archive-upscaled", "_reports/report.html").decode()
+    assert page.count('<img src="data:image/jpeg;base64,') == 2 * 5 and "no picture kept" not in page
 
     assert main(["run", str(manifest)]) == 0  # unchanged keys: no GET, no request
     assert len(sent_shas(emulator)) == 5
