@@ -45,6 +45,7 @@ from batch_upscaler.manifest import load_settings
 from batch_upscaler.report import ReportWriter
 from batch_upscaler.settings import JobSettings, request_fingerprint
 from bench.workspace import DEFAULT_OUT, Workspace
+from tests.conftest import local_dir
 
 ITEMS = 10_000
 SIZE_TARGET_MB, LOAD_TARGET_S, TOP_UP_TARGET_S = 5.0, 2.0, 0.5
@@ -193,7 +194,7 @@ def build_files(settings: JobSettings, plans: list[Plan]) -> None:
         src, out = originals[plan.size]
         _link(src, source_root / plan.relpath)
         if plan.state == ItemState.SUCCEEDED:
-            _link(out, settings.output_dir / output_of(plan.relpath))
+            _link(out, local_dir(settings.output_dir) / output_of(plan.relpath))
 
 
 def _variant(folder: Path, n: int, size: tuple[int, int]) -> tuple[Path, Path]:
@@ -310,7 +311,7 @@ def add_items(settings: JobSettings, count: int) -> None:
     run_id = checkpoint.begin_run()
     for plan in new:
         _link(src, settings.base_dir / "photos" / plan.relpath)
-        out = settings.output_dir / output_of(plan.relpath)
+        out = local_dir(settings.output_dir) / output_of(plan.relpath)
         out.parent.mkdir(parents=True, exist_ok=True)
         # a fresh output (not a link): a new file the report has never seen
         Image.open(settings.base_dir / "variants" / "output-0.png").save(out, "PNG", compress_level=1)

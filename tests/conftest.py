@@ -19,6 +19,7 @@ from batch_upscaler.catalogue import ModelSpec
 from batch_upscaler.emulator import EmulatorConfig, EmulatorThread
 from batch_upscaler.emulator import server as emulator_server
 from batch_upscaler.emulator.request import InvokeRequest
+from batch_upscaler.storage.urls import Location
 from bench.emulator_process import EmulatorProcess, EmulatorSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +76,12 @@ def image_bytes(width: int, height: int, fmt: str = "PNG", color: tuple[int, int
     out = io.BytesIO()
     Image.new("RGB", (width, height), color).save(out, format=fmt)
     return out.getvalue()
+
+
+def local_dir(location: Location) -> Path:
+    """A settings folder the test set up locally (output_dir and report_dir may also be S3 URLs)."""
+    assert isinstance(location, Path), location
+    return location
 
 
 def write_image(path: Path, width: int = 96, height: int = 80, fmt: str = "PNG",
@@ -142,7 +149,7 @@ def received_images(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
     capture it here, at the emulator's own body parser (the server runs it in a worker thread).
     """
     seen: dict[str, bytes] = {}
-    parse = emulator_server.parse_body
+    parse = emulator_server.parse_body  # type: ignore[attr-defined]  # (imported there, not exported)
 
     def capture(body: bytes, spec: ModelSpec) -> InvokeRequest:
         invoke = parse(body, spec)

@@ -36,7 +36,9 @@ def solid(path: Path, colour: tuple[int, ...], size: tuple[int, int] = (96, 80),
 
 def colour_of(path: Path) -> tuple[int, ...]:
     with Image.open(path) as im:
-        return tuple(im.convert("RGB").getpixel((im.width // 2, im.height // 2)))
+        pixel = im.convert("RGB").getpixel((im.width // 2, im.height // 2))
+    assert isinstance(pixel, tuple)
+    return tuple(int(v) for v in pixel)
 
 
 def near(a: tuple[int, ...], b: tuple[int, ...]) -> bool:

@@ -34,7 +34,7 @@ from batch_upscaler.htmlreport import render_html
 from batch_upscaler.manifest import load_settings
 from batch_upscaler.settings import JobSettings
 from batch_upscaler.thumbnails import sample_rank
-from tests.conftest import manifest_doc, write_image
+from tests.conftest import local_dir, manifest_doc, write_image
 
 CHROMIUM = Path("/usr/bin/chromium")
 ODD_NAME = 'odd <b>&"name"\nline.jpg'
@@ -90,9 +90,9 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Job]:
     manifest.write_text(yaml.safe_dump(manifest_doc()))
     assert main(["run", str(manifest)]) == 1  # items failed
     settings = load_settings(manifest)
-    report = json.loads((settings.report_dir / "report.json").read_text())
+    report = json.loads((local_dir(settings.report_dir) / "report.json").read_text())
     header = {k: v for k, v in report.items() if k != "items"}
-    html_path = settings.report_dir / "report.html"
+    html_path = local_dir(settings.report_dir) / "report.html"
     assert html_path.exists()  # every run writes it
     yield Job(settings, header, html_path, html_path.read_text(encoding="utf-8"))
 
@@ -139,10 +139,10 @@ def test_links_resolve_to_existing_files(job: Job) -> None:
     outputs = [h for h in links.hrefs if h not in ("items.csv", "report.json")]
     assert len(outputs) == SUCCEEDED
     for href in links.hrefs:
-        target = (job.settings.report_dir / urllib.parse.unquote(href)).resolve()
+        target = (local_dir(job.settings.report_dir) / urllib.parse.unquote(href)).resolve()
         assert target.is_file(), href
-    resolved = {(job.settings.report_dir / urllib.parse.unquote(h)).resolve() for h in outputs}
-    assert (job.settings.output_dir / "sub dir" / "pic é.png").resolve() in resolved
+    resolved = {(local_dir(job.settings.report_dir) / urllib.parse.unquote(h)).resolve() for h in outputs}
+    assert (local_dir(job.settings.output_dir) / "sub dir" / "pic é.png").resolve() in resolved
 
 
 def test_sample_is_deterministic_and_bounded(job: Job) -> None:
@@ -161,7 +161,7 @@ def test_sample_is_deterministic_and_bounded(job: Job) -> None:
 
 def test_missing_or_broken_outputs_get_placeholders(job: Job, tmp_path: Path) -> None:
     copy = tmp_path / "out"
-    shutil.copytree(job.settings.output_dir, copy)
+    shutil.copytree(local_dir(job.settings.output_dir), copy)
     (copy / "img0.png").write_bytes(b"not an image")
     (copy / "img1.png").unlink()
     html = _render(dataclasses.replace(job.settings, output_dir=copy), job.header)

@@ -10,7 +10,7 @@ import pytest
 
 from batch_upscaler.cli import main
 from batch_upscaler.naming import NameParts, NamingError, render, template_problem
-from tests.conftest import write_image
+from tests.conftest import local_dir, write_image
 
 PARTS = NameParts("2020/trip/IMG_01.JPG", "fast", 4.0)
 
@@ -73,4 +73,4 @@ def test_names_join_strings_exactly_as_paths_would(tmp_path: Path) -> None:
         for source in settings.sources:
             for relpath in ("a.jpg", "2020/trip/IMG 1.JPG", "é/\\x ff.png"):
                 assert names.item(source, relpath) == display_path(names.local, source, relpath, settings.base_dir)
-                assert names.output_location(relpath) == str(output_dir / relpath)
+                assert names.output_location(relpath) == str(local_dir(output_dir) / relpath)

@@ -29,7 +29,7 @@ def aws_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def report(tmp_path: Path) -> dict[str, Any]:
-    return json.loads((tmp_path / ".batch-upscaler/reports/job/report.json").read_text())
+    return dict(json.loads((tmp_path / ".batch-upscaler/reports/job/report.json").read_text()))
 
 
 def archive(tmp_path: Path) -> None:

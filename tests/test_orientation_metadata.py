@@ -69,7 +69,8 @@ def displayed(im: Image.Image) -> Image.Image:
 
 
 def write_sources(photos: Path, orientation: int, exif: bytes) -> dict[str, Path]:
-    stored = upright() if INVERSE[orientation] is None else upright().transpose(INVERSE[orientation])
+    inverse = INVERSE[orientation]
+    stored = upright() if inverse is None else upright().transpose(inverse)
     photos.mkdir(parents=True, exist_ok=True)
     paths = {}
     for ext, (fmt, options, _) in CONTAINERS.items():

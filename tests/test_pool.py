@@ -21,7 +21,7 @@ from batch_upscaler.scan import Scanner
 from batch_upscaler.settings import JobSettings
 from batch_upscaler.storage.edge import Sources, open_storage
 from batch_upscaler.storage.local import LocalOutputStore
-from tests.conftest import FakeClock, image_bytes, write_image
+from tests.conftest import FakeClock, image_bytes, local_dir, write_image
 
 Script = Callable[[int], bytes | AttemptError]  # call number -> result
 
@@ -66,7 +66,7 @@ OK = image_bytes(160, 160)  # a valid upscale of the 80x80 sources (the pool che
 
 
 def setup(tmp_path: Path, write_manifest: Callable[..., Path], n: int,
-          **limits: float) -> tuple[JobSettings, Checkpoint]:
+          **limits: float | str) -> tuple[JobSettings, Checkpoint]:
     for i in range(n):
         write_image(tmp_path / "photos" / f"{i:03d}.png", 80, 80, color=(i, 1, 2))
     settings = load_settings(write_manifest(limits={"concurrency": 3, "requests_per_minute": 60, **limits}))
@@ -94,7 +94,7 @@ def run_pool(settings: JobSettings, checkpoint: Checkpoint, invoker: FakeInvoker
                 stop(event)
 
         pool = WorkerPool(settings=settings, checkpoint=checkpoint, invoker=invoker,
-                          outputs=LocalOutputStore(settings.output_dir), sources=Sources(settings, None),
+                          outputs=LocalOutputStore(local_dir(settings.output_dir)), sources=Sources(settings, None),
                           limiter=limiter,
                           clock=clock, rng=random.Random(0), stop=event, on_done=on_done, limit=limit,
                           offload=inline)
@@ -274,4 +274,4 @@ def test_a_returned_image_that_is_not_the_upscale_asked_for_is_a_bad_response(
         ("succeeded", 2, 1)
     bad = rows["000.png"]
     assert (bad["state"], bad["error_code"], bad["attempts"]) == ("failed", "bad_response", 2)
-    assert reason in bad["error_message"] and not (settings.output_dir / "000.png").exists()
+    assert reason in bad["error_message"] and not (local_dir(settings.output_dir) / "000.png").exists()

@@ -264,7 +264,7 @@ def test_each_model_with_its_own_parameters(tmp_path: Path, write_manifest: Call
                                             emulator_factory: EmulatorFactory) -> None:
     save(upright(200, 160), tmp_path / "photos/p.png", "PNG")
     emulator = emulator_factory(output_max_pixels=None)
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"name": "conservative", "prompt": "p", "creativity": 0.2, "seed": 7, "negative_prompt": "blur"},
          "us.stability.stable-conservative-upscale-v1:0"),
         ({"name": "creative", "prompt": "p", "creativity": 0.4, "style_preset": "photographic"},

@@ -108,7 +108,7 @@ def test_quota_names_match_the_model_and_the_kind(write_manifest: Callable[..., 
               {"QuotaName": QUOTA.name, "QuotaCode": "L-BBBBBBBB", "Value": 250.0}]
     assert pick(listed, settings) == AppliedQuota(250.0, QUOTA.name, "L-BBBBBBBB")
     by_code = dataclasses.replace(settings, code="L-AAAAAAAA")
-    assert pick(listed, by_code) == AppliedQuota(50.0, listed[0]["QuotaName"], "L-AAAAAAAA")
+    assert pick(listed, by_code) == AppliedQuota(50.0, str(listed[0]["QuotaName"]), "L-AAAAAAAA")
 
 
 # ---- through real runs -----------------------------------------------------------------------------

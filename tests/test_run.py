@@ -37,7 +37,7 @@ def dummy_aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def report(tmp_path: Path, job: str = "job") -> dict[str, Any]:
-    return json.loads((tmp_path / ".batch-upscaler" / "reports" / job / "report.json").read_text())
+    return dict(json.loads((tmp_path / ".batch-upscaler" / "reports" / job / "report.json").read_text()))
 
 
 def by_source(rep: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The code base stays ruff- and mypy-clean (checked in the default test run, so CI enforces it)."""
+"""Package, tests and benchmarks stay ruff- and mypy-clean (checked in the default test run, so CI enforces it)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.conftest import REPO
 
 @pytest.mark.parametrize("command", [
     [sys.executable, "-m", "ruff", "check", "."],
-    [sys.executable, "-m", "mypy", "batch_upscaler"],
+    [sys.executable, "-m", "mypy", "batch_upscaler", "tests", "bench"],
 ])
 def test_static_checks(command: list[str]) -> None:
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -73,7 +73,7 @@ class _Text(str):
 
 
 def _scanstring(text: str, end: int, strict: bool = True) -> tuple[str, int]:
-    value, after = json.decoder.scanstring(text, end, strict)
+    value, after = json.decoder.scanstring(text, end, strict)  # type: ignore[attr-defined]
     found = _Text(value)
     found.escaped = "\\" in text[end:after]
     return found, after
@@ -106,7 +106,8 @@ def strict_reference(body: bytes) -> Outcome:
     if reasons and reasons[0] is not None:
         return "content_filtered"
     images = document.get("images")
-    if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str) or images[0].escaped:
+    if (not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str)
+            or getattr(images[0], "escaped", False)):
         return "bad_response"
     try:  # pybase64 as parse_response (the standard library's decoder accepts excess padding: "AAAA=")
         return pybase64.b64decode(images[0], validate=True)

@@ -39,7 +39,6 @@ from batch_upscaler.payload import build_body
 from batch_upscaler.retry import AttemptError
 from batch_upscaler.runner import run_job
 from batch_upscaler.settings import RunOptions
-from batch_upscaler.storage import staging
 from batch_upscaler.storage.base import OutputPathError
 from batch_upscaler.storage.local import LocalOutputStore, digest_parts, new_file_mode
 from batch_upscaler.storage.staging import Spilled, StagedFile, StagingFileSink
@@ -157,7 +156,7 @@ def test_a_full_disk_spills_the_output_to_memory(tmp_path: Path, monkeypatch: py
         room[0] -= len(head)
         return real_writev(fd, [head])  # a short write, as a filling disk gives
 
-    monkeypatch.setattr(staging.os, "writev", filling_writev)
+    monkeypatch.setattr(os, "writev", filling_writev)  # the module staging.py writes with
     data = random.Random(fail_after).randbytes(200_000)
     result = write_through(StagingFileSink(store.staging(), inline, new_file_mode(), flush_bytes=20_000), data, 7000)
     assert isinstance(result, Spilled) and result.error.errno == errno.ENOSPC
