@@ -169,6 +169,26 @@ def test_plan_counts_what_run_will_refuse_and_words_first_time_refusals(
     assert re.search(r"failed earlier\s+1 truncated", text) and "--retry-failed" in text
 
 
+def test_plan_reads_a_snapshot_while_a_run_holds_the_lock(
+        tmp_path: Path, write_manifest: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """``plan`` only reads: it works on a copy of the checkpoint while a run holds the job's lock,
+    and writes nothing back."""
+    from batch_upscaler.joblock import JobLock
+
+    photos(tmp_path, 3)
+    manifest = write_manifest()
+    assert main(["run", str(manifest), "--max-images", "1"]) == 75
+    state = tmp_path / ".batch-upscaler"
+    before = (state / "job.sqlite").read_bytes()
+    capsys.readouterr()
+    with JobLock(state / "job.lock", "job"):  # a run is going on
+        assert main(["plan", str(manifest), "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert (planned["already_done"], planned["to_process"]) == (1, 2)
+    assert (state / "job.sqlite").read_bytes() == before  # (reading opens the WAL; nothing is written to it)
+    assert not (state / "job.sqlite-wal").exists() or (state / "job.sqlite-wal").stat().st_size == 0
+
+
 def test_every_way_a_run_ends_has_its_own_words() -> None:
     assert stop_line(None, 0) == "done"
     assert stop_line("SIGTERM", 7).startswith("stopped by SIGTERM")
