@@ -14,9 +14,6 @@ import argparse
 import json
 import logging
 import os
-import select
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -24,12 +21,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any
+
+from bench.child_server import ChildServer
 
 _ANNOUNCE = "moto listening on "
-_START_TIMEOUT_S = 30.0
-_STOP_TIMEOUT_S = 10.0
 _MAIN_OPS = ("ListObjectsV2", "GetObject", "HeadObject", "PutObject")  # always in a bill, 0 when not made
 
 Environ = dict[str, Any]
@@ -130,56 +126,22 @@ def most_in_flight(records: Sequence[S3Request], op: str) -> int:
     return most
 
 
-class MotoProcess:
+class MotoProcess(ChildServer):
     """``with MotoProcess(log_path) as moto:`` -- ``moto.endpoint_url`` is live inside, and
     ``moto.records()`` / ``moto.mark()`` read the request log (``since(mark)``: one phase's share)."""
 
-    def __init__(self, log_path: Path) -> None:
-        self.log_path = log_path
-        self.endpoint_url = ""
-        self._process: subprocess.Popen[str] | None = None
-        self._stderr: IO[str] | None = None
+    announce = _ANNOUNCE
+    label = "moto"
 
-    def __enter__(self) -> Self:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path.unlink(missing_ok=True)
-        self._stderr = self.log_path.with_suffix(".stderr").open("w", encoding="utf-8")
-        command = [sys.executable, "-m", "bench.s3_process", "--log", str(self.log_path)]
-        self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-                                         cwd=Path(__file__).resolve().parents[1],
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            self.endpoint_url = _read_announcement(self._process)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(_STOP_TIMEOUT_S)
-        if process is not None and process.stdout is not None:
-            process.stdout.close()
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
+    def arguments(self) -> list[str]:
+        return ["-m", "bench.s3_process", "--log", str(self.log_path)]
 
     def cpu_seconds(self) -> float:
         """The server process's user + system CPU time so far (from /proc; 0 where there is none)."""
-        if self._process is None:
+        if self.pid is None:
             return 0.0
         try:
-            with open(f"/proc/{self._process.pid}/stat", encoding="ascii") as stat:
+            with open(f"/proc/{self.pid}/stat", encoding="ascii") as stat:
                 fields = stat.read().rsplit(")", 1)[1].split()
         except OSError:
             return 0.0
@@ -204,22 +166,6 @@ class MotoProcess:
                 if line.endswith(b"\n"):
                     doc = json.loads(line)
                     yield S3Request(**{name: doc[name] for name in _FIELDS})
-
-
-def _read_announcement(process: subprocess.Popen[str]) -> str:
-    """The endpoint URL from the server's first stdout line, within a bounded wait."""
-    assert process.stdout is not None
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 0.2)
-        if ready:
-            line = process.stdout.readline()
-            if not line.startswith(_ANNOUNCE):
-                raise RuntimeError(f"moto did not announce its port (exit {process.poll()}): {line!r}")
-            return line[len(_ANNOUNCE):].strip()
-        if process.poll() is not None:
-            raise RuntimeError(f"moto exited with {process.returncode} before announcing its port")
-    raise RuntimeError(f"moto did not announce its port within {_START_TIMEOUT_S:.0f} s")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
