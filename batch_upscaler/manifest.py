@@ -210,6 +210,7 @@ _EMULATOR = {
     "latency_s": Key(number(0)),
     "quota_rpm": Key(optional(number(above=0))),
 }
+_SHARDS = {"count": Key(number(1, 10_000, whole=True)), "at_once": Key(optional(number(1, 10_000, whole=True)))}
 _S3 = {"region": Key(optional(is_str)), "endpoint_url": Key(optional(url)), "profile": Key(optional(is_str)),
        "checksums": Key(choice("when_supported", "when_required"))}
 _MODEL_PARAMS = ("prompt", "negative_prompt", "seed", "creativity", "style_preset")
@@ -247,7 +248,7 @@ MANIFEST_SCHEMA: Mapping[str, Key] = {
     "state_dir": Key(optional(local_path)),
     "report_dir": Key(optional(location)),
     "s3": Key(children=_S3),
-    "shards": Key(children={"count": Key(number(1, 10_000, whole=True))}),
+    "shards": Key(children=_SHARDS),
 }
 _OVERRIDE = {"max_pixels": Key(number(1, whole=True)), "creativity_min": Key(number(0, 1)),
              "price_usd": Key(number(0))}
@@ -258,7 +259,7 @@ CONFIG_SCHEMA: Mapping[str, Key] = {
     "limits": Key(children=_LIMITS),
     "emulator": Key(children=_EMULATOR),
     "s3": Key(children=_S3),
-    "shards": Key(children={"count": Key(number(1, 10_000, whole=True))}),
+    "shards": Key(children=_SHARDS),
     "region_prefixes": Key(any_keys=Key(is_str)),
     "models": Key(children={m.value: Key(children=_OVERRIDE) for m in ModelName}),
 }
@@ -491,7 +492,8 @@ def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: di
         state_dir=state_dir,
         report_root=report_dir,
         s3=S3Settings(**merged["s3"]),
-        shard=Shard(0, int(merged["shards"]["count"])),
+        shard=Shard(0, int(merged["shards"]["count"]),
+                    None if merged["shards"].get("at_once") is None else int(merged["shards"]["at_once"])),
         emulator=EmulatorSettings(**merged["emulator"]),
         naming=merged["output"].get("naming", DEFAULT_TEMPLATE),
         name_compare=NameCompare(merged["output"]["name_compare"]),

@@ -25,7 +25,6 @@ from batch_upscaler.quotas import AppliedQuota, applied_quota
 from batch_upscaler.ratememory import StartChoice, decide_start, memory_key
 from batch_upscaler.runner import prepare_items, shard_rate
 from batch_upscaler.settings import Backend, JobSettings, RunOptions, request_fingerprint
-from batch_upscaler.shards import Shard
 from batch_upscaler.signals import StopSignals
 from batch_upscaler.storage.edge import Storage, open_storage
 
@@ -116,11 +115,11 @@ async def _auto_start(settings: JobSettings, checkpoint: Checkpoint) -> StartCho
 
 def plan_shards(settings: JobSettings, options: RunOptions) -> list[Plan]:
     """The plan of every shard (each scans the whole source and counts its own items)."""
-    count = settings.shard.count
     plans = []
-    for index in range(count):
-        plan = plan_job(replace(settings, shard=Shard(index, count)), options)
-        plan.shard = Shard(index, count).label
+    for index in range(settings.shard.count):
+        shard = replace(settings.shard, index=index)
+        plan = plan_job(replace(settings, shard=shard), options)
+        plan.shard = shard.label
         plans.append(plan)
     return plans
 

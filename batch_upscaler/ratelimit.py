@@ -137,6 +137,10 @@ class StartRate:
 
     rpm: float
     trusted: bool = False
+    # A shard's share of a quota known job-wide (Service Quotas' applied quota ÷ shards at once): the
+    # shard never goes above it. Shards that each measure the quota alone do not share it fairly
+    # (each measures only what it got), so a known quota is split as a fixed rate would be.
+    ceiling: float | None = None
 
 
 class AdaptiveRateLimiter(RateLimiter):
@@ -160,10 +164,17 @@ class AdaptiveRateLimiter(RateLimiter):
     probe_successes = 30  # a probe step: this many successes since the last one, and at least probe_s
     probe_s = 2.0
     recover_successes = 5  # a recovery step (well under the rate that was throttled): this many
+    share_step = 0.02  # a shard's probe step: this fraction of its ceiling, every probe_s
 
     def __init__(self, clock: Clock, *, start: StartRate | None = None, start_rpm: float = 60.0,
                  floor_rpm: float = 1.0, max_rpm: float = 60_000.0) -> None:
         rpm = start_rpm if start is None else start.rpm
+        # A shard held to its share probes additively, by the same step as every other shard (a
+        # step in proportion to its own rate would keep whatever split the shards fell into).
+        self._share_step: float | None = None
+        if start is not None and start.ceiling is not None:
+            max_rpm = min(max_rpm, start.ceiling)
+            self._share_step = self.share_step * start.ceiling
         super().__init__(min(max_rpm, max(floor_rpm, rpm)), clock)
         self.floor_rpm, self.max_rpm = floor_rpm, max_rpm
         trusted = start is not None and start.trusted
@@ -273,10 +284,14 @@ class AdaptiveRateLimiter(RateLimiter):
         else:
             recovering = math.isfinite(self._ceiling) and self._rpm < 0.9 * self._ceiling
             needed = self.recover_successes if recovering else self.probe_successes
+            if self._share_step is not None:
+                needed = 0  # steps in time, not in successes: a starved shard grows as often as the others
             if self._step_successes < needed or now - self._last_step < self.probe_s:
                 return
             self._quiet += 1
-            if recovering:  # halfway back towards just under the rate that was throttled
+            if self._share_step is not None:
+                growth = (self._rpm + self._share_step) / self._rpm
+            elif recovering:  # halfway back towards just under the rate that was throttled
                 growth = (self._rpm + 0.95 * self._ceiling) / 2 / self._rpm
             else:  # 1% per step, doubling every 4 quiet steps, at most 25%
                 growth = 1 + min(0.25, 0.01 * 2 ** (self._quiet / 4))

@@ -6,7 +6,7 @@ ended at (:attr:`~batch_upscaler.ratelimit.AdaptiveRateLimiter.rate_to_remember`
 its checkpoint's run record (the job's own history) and ``<state_dir>/rates.json``, shared by
 every job in the state folder. Both are keyed by backend, profile, region and model id: the
 quota belongs to the account, region and model, not to the job. Rates are stored job-wide (a
-shard stores its rate × the shard count) and each shard starts at its share.
+shard stores its rate × the shards running at once) and each shard starts at its share.
 
 In order, ``auto`` starts at:
 1. the latest remembered rate (this job's or another's). Trusted when the run that left it
@@ -127,17 +127,24 @@ def choose_start(remembered: Remembered | None, quota: AppliedQuota | None, *, n
                  shards: int = 1) -> StartChoice:
     """Where ``auto`` starts (pure: every input is given)."""
     share = f" ÷ {shards} shards" if shards > 1 else ""
+    # Shards share the quota fairly only when each is held to its share of a quota known job-wide.
+    ceiling, capped = None, ""
+    if quota is not None and shards > 1:
+        ceiling = quota.rpm / shards
+        capped = f", at most {ceiling:g}/min (its share of the applied quota {quota.rpm:g}/min)"
     if remembered is not None:
         age = human_duration(max(0.0, now - remembered.at))
         what = f"the rate job {remembered.job} ended at {age} ago{share}"
         if trusted(remembered, now, max_age_s):
-            return StartChoice(StartRate(remembered.rpm / shards, trusted=True), what + " (measured: trusted)")
+            return StartChoice(StartRate(remembered.rpm / shards, trusted=True, ceiling=ceiling),
+                               what + " (measured: trusted)" + capped)
         rpm = remembered.rpm if quota is None else min(remembered.rpm, quota.rpm)
         why = "not measured" if not remembered.measured else f"older than {human_duration(max_age_s)}"
-        return StartChoice(StartRate(rpm / shards), f"{what} ({why}: a guess, checked)")
+        return StartChoice(StartRate(rpm / shards, ceiling=ceiling), f"{what} ({why}: a guess, checked){capped}")
     if quota is not None:
-        return StartChoice(StartRate(quota.rpm / shards),
-                           f"the applied quota {quota.rpm:g}/min ({quota.name}, {quota.code}){share}: a guess, checked")
+        return StartChoice(StartRate(quota.rpm / shards, ceiling=ceiling),
+                           f"the applied quota {quota.rpm:g}/min ({quota.name}, {quota.code}){share}: a guess, checked"
+                           + capped)
     return StartChoice(None, "cold: nothing remembered and no applied quota known")
 
 
@@ -149,13 +156,15 @@ def recall(settings: JobSettings, job_history: tuple[float, bool, float] | None)
 
 async def decide_start(settings: JobSettings, job_history: tuple[float, bool, float] | None,
                        ask_quota: Callable[[], Awaitable[AppliedQuota | None]], now: float) -> StartChoice:
-    """Where this run of ``auto`` starts; Service Quotas is asked only when no trusted rate is known."""
+    """Where this run of ``auto`` starts; Service Quotas is asked when no trusted rate is known, and
+    always by a shard (its share of the applied quota is its ceiling)."""
     remembered = recall(settings, job_history)
     quota = None
-    if not trusted(remembered, now, settings.limits.remembered_rate_max_age_s) and settings.limits.quota_lookup:
+    needed = settings.shard.sharded or not trusted(remembered, now, settings.limits.remembered_rate_max_age_s)
+    if needed and settings.limits.quota_lookup:
         quota = await ask_quota()
     return choose_start(remembered, quota, now=now, max_age_s=settings.limits.remembered_rate_max_age_s,
-                        shards=settings.shard.count)
+                        shards=settings.shard.sharing)
 
 
 def leave_rate(settings: JobSettings, limiter: RateLimiter | None, start: StartChoice | None, requests: int,
@@ -165,7 +174,7 @@ def leave_rate(settings: JobSettings, limiter: RateLimiter | None, start: StartC
     if not isinstance(limiter, AdaptiveRateLimiter) or requests == 0:
         return None
     rate = RunRate(start_rpm=None if start is None else start.rpm, key=memory_key(settings),
-                   remembered_rpm=limiter.rate_to_remember * settings.shard.count,
+                   remembered_rpm=limiter.rate_to_remember * settings.shard.sharing,
                    measured=limiter.estimate_rpm is not None)
     assert rate.key is not None and rate.remembered_rpm is not None
     with contextlib.suppress(OSError):  # a rate not remembered only costs the next run its start

@@ -162,14 +162,15 @@ async def _before_the_pool(settings: JobSettings, options: RunOptions, checkpoin
 
 
 def shard_rate(settings: JobSettings) -> float | None:
-    """This shard's ceiling: limits.shard_rpm, else its share of requests_per_minute (one quota, many
-    shards); None (``auto``) lets each shard find its share of the quota adaptively."""
+    """This shard's ceiling: limits.shard_rpm, else its share of requests_per_minute among the shards
+    running at once (one quota, many shards); None (``auto``): each shard is held to its share of
+    the applied quota when Service Quotas tells it (ratememory.choose_start), else finds its rate."""
     limits = settings.limits
     if limits.shard_rpm is not None:
         return limits.shard_rpm
     if limits.requests_per_minute is None:
         return None
-    return limits.requests_per_minute / settings.shard.count
+    return limits.requests_per_minute / settings.shard.sharing
 
 
 def _pictures(settings: JobSettings, checkpoint: Checkpoint, storage: Storage) -> PictureKeeper | None:

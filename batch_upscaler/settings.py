@@ -118,7 +118,7 @@ class Limits:
     # worker; the service is then probed for up to outage_wait_s before the run stops (exit 75).
     outage_errors: int = 8
     outage_wait_s: float = 900.0
-    shard_rpm: float | None = None  # a shard's own ceiling; None: requests_per_minute / shard count
+    shard_rpm: float | None = None  # a shard's own ceiling; None: requests_per_minute / shards at once
     # ``auto`` starts from the rate the last run ended at; older than this, it is a guess to check.
     remembered_rate_max_age_s: float = 7 * 86400.0
     quota_lookup: bool = True  # ``auto`` may read the model's applied RPM quota from Service Quotas

@@ -22,10 +22,18 @@ from dataclasses import dataclass
 class Shard:
     index: int = 0
     count: int = 1
+    # How many shards the engine runs at once (Kubernetes ``parallelism``, Batch's vCPU cap); None:
+    # all of them. The job's rate and quota are split among the shards running, not among all.
+    at_once: int | None = None
 
     @property
     def sharded(self) -> bool:
         return self.count > 1
+
+    @property
+    def sharing(self) -> int:
+        """How many shards share the job's rate at any one time."""
+        return min(self.at_once or self.count, self.count)
 
     @property
     def label(self) -> str:

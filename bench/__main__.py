@@ -3,8 +3,9 @@
 Each scenario prints its table; ``all`` also prints one table of every target check at the end.
 Results go to ``<out>/<scenario>.json`` (``-smoke.json`` for smoke runs). The exit code is 0 when
 every scenario ran (a missed target is reported, not an error), 1 when one crashed. The child
-options (``--concurrency`` for cost, ``--phase`` for scale, ``--s3-phase`` for s3) measure one part in this process and
-are what the scenarios use internally to get a fresh process for peak-RSS figures.
+options (``--concurrency`` for cost, ``--phase`` for scale, ``--s3-phase`` for s3,
+``--merge-manifest`` for merge) measure one part in this process and are what the scenarios use
+internally to get a fresh process for peak-RSS figures.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import auto, baselines, cold, cost, known, remembered, s3_scale, scale
+from bench import auto, baselines, cold, cost, known, merge_scale, remembered, s3_scale, scale, shards
 from bench.table import ScenarioResult, render, render_checks, save
 from bench.workspace import DEFAULT_OUT, Workspace
 
 SCENARIOS: dict[str, Callable[[Workspace], ScenarioResult]] = {
     "known": known.run, "auto": auto.run, "cold": cold.run, "remembered": remembered.run,
-    "baselines": baselines.run, "cost": cost.run, "scale": scale.run, "s3": s3_scale.run,
+    "baselines": baselines.run, "cost": cost.run, "scale": scale.run, "s3": s3_scale.run, "shards": shards.run,
+    "merge": merge_scale.run,
 }
 
 
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_child_arguments(parser)
     scale.add_child_arguments(parser)
     s3_scale.add_child_arguments(parser)
+    merge_scale.add_child_arguments(parser)
     return parser
 
 
@@ -70,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.scenario == "s3" and args.s3_phase is not None:
         s3_scale.child(args)
+        return 0
+    if args.scenario == "merge" and args.merge_manifest is not None:
+        merge_scale.child(args)
         return 0
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     results = [run_scenario(name, workspace) for name in names]

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import REPO
 
-SCENARIOS = ("known", "auto", "cold", "remembered", "baselines", "cost", "scale", "s3")
+SCENARIOS = ("known", "auto", "cold", "remembered", "baselines", "cost", "scale", "s3", "shards", "merge")
 TIMEOUT_S = 110
 
 
@@ -133,3 +133,23 @@ def test_s3_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
     assert lost_plan["proven_done"] == 200 and lost_plan["requests"] == 0
     assert lost["invoke"] == 0 and lost["HeadObject"] == 200 and lost["succeeded"] == 200
     assert all(check["met"] for check in result["checks"]), result["checks"]
+
+
+def test_shards_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
+    rows = _rows(_result(smoke_results, "shards"), {"variant", "requests", "succeeded", "throttled_pct",
+                                                    "goodput_rpm", "ratio", "shares", "paid_twice"})
+    assert len(rows) == 3
+    for row in rows:
+        # 24 images, 4 real shard processes: every image paid once, every request traced to its shard
+        assert row["succeeded"] == 24 and row["paid_twice"] == 0 and row["unattributed"] == 0
+        assert row["exit_codes"] == "0 0 0 0" and len(row["shares"].split()) == 4
+        assert row["goodput_rpm"] > 0 and row["window_s"] >= 0
+
+
+def test_merge_smoke(smoke_results: dict[str, dict[str, Any]]) -> None:
+    result = _result(smoke_results, "merge")
+    baseline, full = _rows(result, {"shards", "items", "merged_items", "exit_code", "elapsed_s", "peak_rss_mb"})
+    assert (baseline["shards"], full["shards"]) == (2, 8)
+    assert baseline["merged_items"] == baseline["items"] == 600 and full["merged_items"] == full["items"] == 2400
+    assert full["exit_code"] == baseline["exit_code"] == 1  # the template's failed item is in every shard
+    assert 30 < full["peak_rss_mb"] < 4000 and full["elapsed_s"] > 0

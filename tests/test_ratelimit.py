@@ -274,32 +274,7 @@ def simulate(limiter: AdaptiveRateLimiter, clock: FakeClock, quota: Quota, worke
     quota answers a 429 at once (after 5 ms) or the image after a lognormal latency (median
     ``latency_s``, sigma 0.3); a throttled request is retried after the pool's back-off, holding its
     worker meanwhile."""
-    rng, backoff, seen, began = random.Random(seed), Backoff(2.0, 60.0), Simulated(), clock.now()
-
-    async def worker() -> None:
-        attempt = 0
-        while clock.now() - began < seconds:
-            await limiter.acquire()
-            if quota.take():
-                await clock.sleep(latency_s * math.exp(0.3 * rng.gauss(0.0, 1.0)))
-                limiter.on_success()
-                seen.successes.append(clock.now() - began)
-                attempt = 0
-            else:
-                await clock.sleep(0.005)
-                limiter.on_throttle()
-                seen.throttles += 1
-                attempt += 1
-                await clock.sleep(backoff.delay(attempt, rng))
-            seen.rates.append((clock.now() - began, limiter.rpm))
-
-    async def main() -> None:
-        async with asyncio.TaskGroup() as group:
-            for _ in range(workers):
-                group.create_task(worker())
-
-    asyncio.run(main())
-    return seen
+    return simulate_shards([limiter], clock, quota, workers, latency_s, seconds, seed=seed)[0]
 
 
 @pytest.mark.parametrize(("quota_rpm", "workers", "latency_s"), [
@@ -345,13 +320,17 @@ def lowest_rate(seen: Simulated, after: float) -> float:
     return min(rpm for at, rpm in seen.rates if at >= after)
 
 
+def two_minutes_from(clock: FakeClock, start: StartRate) -> Simulated:
+    """A limiter that starts at ``start``, 2 minutes against a 600 RPM quota (burst 10), 16 workers, 0.2 s."""
+    limiter = AdaptiveRateLimiter(clock, start=start)
+    assert limiter.rpm == start.rpm
+    return simulate(limiter, clock, Quota(clock, 600, burst=10), workers=16, latency_s=0.2, seconds=120)
+
+
 @pytest.mark.parametrize("remembered", [588.0, 600.0])
 def test_a_trusted_start_begins_at_the_remembered_rate(clock: FakeClock, remembered: float) -> None:
     """No slow start and no deep cut: 2 minutes at 600 RPM, never under 95% of it, at most 1% throttled."""
-    quota = Quota(clock, 600, burst=10)
-    limiter = AdaptiveRateLimiter(clock, start=StartRate(remembered, trusted=True))
-    assert limiter.rpm == remembered
-    seen = simulate(limiter, clock, quota, workers=16, latency_s=0.2, seconds=120)
+    seen = two_minutes_from(clock, StartRate(remembered, trusted=True))
     assert lowest_rate(seen, after=0) >= 0.95 * 600
     assert seen.goodput_rpm(0, 120) >= 0.99 * 600
     assert seen.throttled_share <= 0.01
@@ -362,10 +341,68 @@ def test_an_untrusted_start_is_a_guess_that_is_checked(clock: FakeClock, guess: 
     """From a week-old memory or Service Quotas: starts there and slow-starts on from it (no climb
     from 60 RPM), the first throttle halves as at the end of a cold slow start, and the quota is
     measured within a few seconds, too low a guess or too high."""
-    quota = Quota(clock, 600, burst=10)
-    limiter = AdaptiveRateLimiter(clock, start=StartRate(guess, trusted=False))
-    assert limiter.rpm == guess
-    seen = simulate(limiter, clock, quota, workers=16, latency_s=0.2, seconds=120)
+    seen = two_minutes_from(clock, StartRate(guess, trusted=False))
     assert lowest_rate(seen, after=5) >= 0.9 * 600
     assert seen.goodput_rpm(0, 120) >= 0.98 * 600
     assert seen.throttled_share <= 0.02
+
+
+# ---- shards sharing one quota --------------------------------------------------------------------
+
+def simulate_shards(limiters: list[AdaptiveRateLimiter], clock: FakeClock, quota: Quota, workers: int,
+                    latency_s: float, seconds: float, stagger_s: float = 0.4, seed: int = 0) -> list[Simulated]:
+    """One limiter per shard, each with ``workers`` workers as :func:`simulate` describes, all against
+    one quota; shard i starts ``i × stagger_s`` late (processes never start at the same instant)."""
+    rng, backoff, began = random.Random(seed), Backoff(2.0, 60.0), clock.now()
+    seen = [Simulated() for _ in limiters]
+
+    async def worker(index: int) -> None:
+        await clock.sleep(stagger_s * index)
+        limiter, mine, attempt = limiters[index], seen[index], 0
+        while clock.now() - began < seconds:
+            await limiter.acquire()
+            if quota.take():
+                await clock.sleep(latency_s * math.exp(0.3 * rng.gauss(0.0, 1.0)))
+                limiter.on_success()
+                mine.successes.append(clock.now() - began)
+                attempt = 0
+            else:
+                await clock.sleep(0.005)
+                limiter.on_throttle()
+                mine.throttles += 1
+                attempt += 1
+                await clock.sleep(backoff.delay(attempt, rng))
+            mine.rates.append((clock.now() - began, limiter.rpm))
+
+    async def main() -> None:
+        async with asyncio.TaskGroup() as group:
+            for index in range(len(limiters)):
+                for _ in range(workers):
+                    group.create_task(worker(index))
+
+    asyncio.run(main())
+    return seen
+
+
+def shares(seen: list[Simulated], since: float, until: float) -> list[float]:
+    """Each shard's successes in the window as a multiple of a fair share (1.0: exactly fair)."""
+    counts = [sum(since <= at < until for at in shard.successes) for shard in seen]
+    return [count * len(counts) / sum(counts) for count in counts]
+
+
+@pytest.mark.parametrize(("effective_rpm", "seed"), [(600, 0), (600, 1), (480, 0), (480, 1)])
+def test_shards_held_to_their_share_of_a_known_quota_share_it_fairly(clock: FakeClock, effective_rpm: float,
+                                                                     seed: int) -> None:
+    """4 shards, 8 workers each, 0.2 s latency, the applied quota 600 known (each shard's ceiling 150).
+    When the account really gets 600 they run at 150 each and are never throttled; when something
+    else takes a fifth of it (480 left) no shard starves: within ±25% of a fair share over 2 minutes."""
+    quota = Quota(clock, effective_rpm, burst=10)
+    limiters = [AdaptiveRateLimiter(clock, start=StartRate(150.0, ceiling=150.0)) for _ in range(4)]
+    seen = simulate_shards(limiters, clock, quota, workers=8, latency_s=0.2, seconds=150, seed=seed)
+    assert all(max(rpm for _, rpm in shard.rates) <= 150.0 for shard in seen)
+    assert all(abs(share - 1.0) <= 0.25 for share in shares(seen, 30, 150)), shares(seen, 30, 150)
+    total = sum(len(shard.successes) for shard in seen)
+    throttled = sum(shard.throttles for shard in seen)
+    assert throttled / (total + throttled) <= (0.0 if effective_rpm == 600 else 0.03)
+    goodput = sum(sum(30 <= at < 150 for at in shard.successes) for shard in seen) / 120 * 60
+    assert goodput >= 0.95 * effective_rpm

@@ -7,6 +7,7 @@ publishes it the way Service Quotas does.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import sqlite3
@@ -20,7 +21,7 @@ from batch_upscaler.cli import main
 from batch_upscaler.manifest import load_settings
 from batch_upscaler.quotas import AppliedQuota, QuotaTarget, matches, pick
 from batch_upscaler.ratelimit import AdaptiveRateLimiter, StartRate
-from batch_upscaler.ratememory import RateMemory, Remembered, choose_start, leave_rate, memory_key
+from batch_upscaler.ratememory import RateMemory, Remembered, choose_start, decide_start, leave_rate, memory_key
 from batch_upscaler.shards import Shard
 from tests.conftest import FakeClock, manifest_doc, write_image
 
@@ -57,7 +58,29 @@ def test_the_quota_then_cold() -> None:
 def test_shards_start_at_their_share_and_remember_the_whole() -> None:
     remembered = Remembered(600.0, measured=True, at=NOW - 60, job="j")
     assert choose_start(remembered, None, now=NOW, max_age_s=DAY, shards=4).start == StartRate(150.0, trusted=True)
-    assert choose_start(None, QUOTA, now=NOW, max_age_s=DAY, shards=3).start == StartRate(200.0)
+    # A quota known job-wide is split as a fixed rate would be: each shard's share is its ceiling.
+    choice = choose_start(None, QUOTA, now=NOW, max_age_s=DAY, shards=3)
+    assert choice.start == StartRate(200.0, ceiling=200.0) and "at most 200/min" in choice.why
+    both = choose_start(remembered, QUOTA, now=NOW, max_age_s=DAY, shards=4)
+    assert both.start == StartRate(150.0, trusted=True, ceiling=150.0)
+    assert choose_start(None, QUOTA, now=NOW, max_age_s=DAY).start == StartRate(600.0)  # one job: no ceiling
+
+
+@pytest.mark.parametrize(("shards", "asked"), [(1, False), (4, True)])
+def test_a_shard_asks_for_the_quota_even_with_a_trusted_rate(tmp_path: Path, write_manifest: Callable[..., Path],
+                                                            shards: int, asked: bool) -> None:
+    settings = load_settings(write_manifest(limits={"requests_per_minute": "auto"}, state_dir=str(tmp_path / "s")))
+    settings = dataclasses.replace(settings, shard=Shard(0, shards))
+    calls: list[str] = []
+
+    async def ask() -> AppliedQuota | None:
+        calls.append("asked")
+        return QUOTA
+
+    choice = asyncio.run(decide_start(settings, (600.0, True, NOW - 60), ask, NOW))
+    assert bool(calls) is asked
+    assert choice.start is not None and choice.start.trusted
+    assert choice.start.ceiling == (150.0 if asked else None)
 
 
 def test_leave_rate_stores_the_job_wide_rate(tmp_path: Path, write_manifest: Callable[..., Path]) -> None:

@@ -21,9 +21,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batch_upscaler.cli import settings_from
 from batch_upscaler.emulator import EmulatorThread
 from batch_upscaler.joblock import JobLock
-from batch_upscaler.manifest import load_settings
+from batch_upscaler.manifest import load_settings, manifest_layers
 from batch_upscaler.runner import shard_rate
 from batch_upscaler.shards import Shard, shard_of
 from tests.conftest import cli_env, image_bytes, manifest_doc, run_cli, write_image
@@ -209,3 +210,16 @@ def _succeeded_hashes(db: Path) -> set[str]:
             return {r[0] for r in conn.execute("SELECT content_sha256 FROM items WHERE state = 'succeeded'")}
     except sqlite3.OperationalError:
         return set()
+
+
+def test_the_rate_is_split_among_the_shards_running_at_once(tmp_path: Path) -> None:
+    """32 shards, 8 running at once (Kubernetes parallelism 8): each paces at R / 8, not R / 32, and
+    a --shard-count flag keeps the manifest's at_once."""
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(manifest_doc(limits={"requests_per_minute": 640},
+                                                    shards={"count": 32, "at_once": 8})))
+    job = load_settings(manifest)
+    assert job.shard.sharing == 8 and shard_rate(job) == 80
+    assert Shard(0, 4, at_once=10).sharing == 4  # never more than there are
+    flagged = settings_from(manifest_layers(manifest, None, {"shards": {"count": 16}}))
+    assert flagged.shard == Shard(0, 16, 8)
