@@ -14,7 +14,6 @@ import datetime as dt
 import html
 import math
 import os
-import statistics
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -56,6 +55,7 @@ class _Aggregates:
     skips: dict[str, _Group] = field(default_factory=dict)
     succeeded: int = 0
     sample: StableSample = field(default_factory=StableSample)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # the sample's items, whole, in seq order
 
 
 class _Names:
@@ -86,30 +86,28 @@ def render_html(settings: JobSettings, checkpoint: Checkpoint, header: Mapping[s
         _histogram_section(agg),
         _groups_section("Failures by reason", "failed", agg.failures),
         _groups_section("Skipped by reason", "skipped", agg.skips),
-        _thumbs_section(agg.sample.rows(), agg.succeeded, settings, shown, thumb_px),
+        _thumbs_section(agg.samples, agg.succeeded, settings, shown, thumb_px),
     ]
     return _document(header, thumb_px, "".join(body))
 
 
 # ---- data ------------------------------------------------------------------------------------
 def _aggregate(checkpoint: Checkpoint, names: _Names, sample: StableSample) -> _Aggregates:
+    """Counts come from SQL; only the succeeded items are walked, for the stable picture sample."""
     agg = _Aggregates(sample=sample)
-    for row in checkpoint.items():
-        state = row["state"]
-        if row["finished_at"] is not None and state in (ItemState.SUCCEEDED, ItemState.FAILED):
-            per_slot = agg.done_per_slot if state == ItemState.SUCCEEDED else agg.failed_per_slot
-            per_slot[int(row["finished_at"] // _SLOT_S)] += 1
-        if state == ItemState.SUCCEEDED:
-            agg.succeeded += 1
-            agg.sample.offer(row)
-            if row["width"] and row["output_width"]:
-                agg.factors[round(row["output_width"] / row["width"], 3)] += 1
-        elif state in (ItemState.FAILED, ItemState.SKIPPED):
-            groups = agg.failures if state == ItemState.FAILED else agg.skips
-            group = groups.setdefault(row["error_code"] or "unknown", _Group())
-            group.count += 1
-            if len(group.rows) < GROUP_LIST_LIMIT:
-                group.rows.append((names.display(row), _short_message(row)))
+    agg.done_per_slot.update(checkpoint.finished_per_slot(ItemState.SUCCEEDED, _SLOT_S))
+    agg.failed_per_slot.update(checkpoint.finished_per_slot(ItemState.FAILED, _SLOT_S))
+    for width, output_width, n in checkpoint.size_pairs():
+        agg.factors[round(output_width / width, 3)] += n
+    for state, groups in ((ItemState.FAILED, agg.failures), (ItemState.SKIPPED, agg.skips)):
+        for reason, count in checkpoint.reasons(state).items():
+            rows = checkpoint.first_with_reason(state, reason, GROUP_LIST_LIMIT)
+            groups[reason] = _Group(count, [(names.display(row), _short_message(row)) for row in rows])
+    agg.succeeded = checkpoint.counts()[ItemState.SUCCEEDED]
+    if sample.size:  # the sample needs only each key and seq; the chosen few are read whole
+        for key, seq in checkpoint.keys_in(ItemState.SUCCEEDED):
+            sample.offer({"key": key, "seq": seq})
+        agg.samples = checkpoint.items_with_keys(row["key"] for row in sample.rows())
     return agg
 
 
@@ -344,13 +342,29 @@ def _histogram_section(agg: _Aggregates) -> str:
              'succeeded items</small></h2>')
     if not agg.factors:
         return intro + '<p class="muted">No succeeded item with known sizes.</p></section>\n'
-    values = sorted(agg.factors.elements())  # one float per succeeded item
-    median = statistics.median(values)
+    values = sorted(agg.factors)  # distinct factors (a million items have few)
+    count = sum(agg.factors.values())
+    median = counted_median(values, agg.factors, count)
+    mean = math.fsum(value * agg.factors[value] for value in values) / count
     note = (f"min {_num(values[0])}×, median {_num(round(median, 3))}×, "
-            f"mean {_num(round(sum(values) / len(values), 3))}×, max {_num(values[-1])}× "
-            f"over {len(values)} image(s).")
+            f"mean {_num(round(mean, 3))}×, max {_num(values[-1])}× over {count} image(s).")
     chart = _svg("histogram of scale factors", _histogram_parts(agg.factors, median))
     return f'{intro}{chart}<p class="muted">{_e(note)}</p></section>\n'
+
+
+def counted_median(values: list[float], counts: Counter[float], n: int) -> float:
+    """The median of ``n`` values given as their sorted distinct ``values`` and ``counts``."""
+    wanted = [(n - 1) // 2, n // 2]  # the middle one, or the two middle ones
+    found: list[float] = []
+    seen = 0
+    for value in values:
+        seen += counts[value]
+        while wanted and wanted[0] < seen:
+            found.append(value)
+            wanted.pop(0)
+        if not wanted:
+            break
+    return (found[0] + found[1]) / 2
 
 
 def _histogram_parts(factors: Counter[float], median: float) -> Iterable[str]:

@@ -94,7 +94,7 @@ async def _merge(settings: JobSettings) -> MergeResult:
     result = MergeResult(ExitCode.OK, str(settings.report_root))
     with tempfile.TemporaryDirectory(prefix="merge-", dir=_scratch_dir(settings)) as scratch:
         work = Path(scratch)
-        checkpoint = Checkpoint.open(work / "merged.sqlite", settings.name)
+        checkpoint = Checkpoint.open_scratch(work / "merged.sqlite", settings.name)
         try:
             async with open_storage(whole, AioSession(profile=settings.profile)) as storage:
                 fetch = _Fetcher(settings.report_root, storage.s3, work)

@@ -17,11 +17,11 @@ import datetime as dt
 import io
 import json
 import logging
+import math
 import os
 import re
-import statistics
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState
 from batch_upscaler.discovery import printable
-from batch_upscaler.htmlreport import render_html
+from batch_upscaler.htmlreport import counted_median, render_html
 from batch_upscaler.settings import JobSettings
 from batch_upscaler.storage.local import new_file_mode
 from batch_upscaler.storage.names import Names
@@ -40,6 +40,8 @@ CSV_COLUMNS = ("source", "output", "status", "input_width", "input_height", "sen
                "output_width", "output_height", "scale_factor", "attempts", "throttles", "dedup_of",
                "error_code", "error_message")
 _MD_LIST_LIMIT = 50
+_NO_SIZE = (None, None)
+_ITEM_JSON = json.JSONEncoder(ensure_ascii=False)  # one encoder: json.dumps builds one per call
 _MD_MESSAGE_CHARS = 160
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # OWASP CSV injection: what a spreadsheet may evaluate
 # Inline Markdown (CommonMark, and GFM's strikethrough, tables and bare URL/e-mail autolinks) needs one of these.
@@ -51,7 +53,7 @@ class Summary:
     """Aggregates of the checkpoint, computed in one pass before items are streamed."""
 
     totals: dict[str, int] = field(default_factory=dict)
-    scale_factors: list[float] = field(default_factory=list)
+    scale_factors: Counter[float] = field(default_factory=Counter)  # factor -> items (flat however many)
     # reason -> first few (file name, message): bounded however many items share a reason
     failures: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))
     skips: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))
@@ -62,11 +64,13 @@ class Summary:
     possibly_billed: int = 0  # attempts sent whose answer never arrived (time-outs, crashes, cancels)
 
     def scale_stats(self) -> dict[str, float | None]:
-        values = self.scale_factors
-        if not values:
+        counts = self.scale_factors
+        n = sum(counts.values())
+        if not n:
             return {"min": None, "median": None, "max": None, "mean": None}
-        return {"min": round(min(values), 4), "median": round(statistics.median(values), 4),
-                "max": round(max(values), 4), "mean": round(statistics.fmean(values), 4)}
+        values = sorted(counts)
+        return {"min": round(values[0], 4), "median": round(counted_median(values, counts, n), 4),
+                "max": round(values[-1], 4), "mean": round(math.fsum(v * counts[v] for v in values) / n, 4)}
 
 
 class ReportWriter:
@@ -99,22 +103,17 @@ class ReportWriter:
         return directory
 
     def _summarise(self) -> Summary:
-        summary = Summary(totals={s.value: n for s, n in self.checkpoint.counts().items()})
-        for row in self.checkpoint.items():
-            summary.attempts += row["attempts"]
-            summary.throttled_attempts += row["throttles"]
-            summary.requests_saved += row["dedup_of"] is not None
-            summary.possibly_billed += row["possibly_billed"] or 0
-            factor = _scale_factor(row)
-            if factor is not None:
-                summary.scale_factors.append(factor)
-            bucket = {"failed": summary.failures, "skipped": summary.skips}.get(row["state"])
-            if bucket is not None:
-                reason = row["error_code"] or "unknown"
-                reason_key = f"{row['state']}:{reason}"
-                summary.reason_counts[reason_key] += 1
-                if len(bucket[reason]) < _MD_LIST_LIMIT:
-                    bucket[reason].append((self._source_display(row), _short_message(reason, row["error_message"])))
+        checkpoint = self.checkpoint
+        summary = Summary(totals={s.value: n for s, n in checkpoint.counts().items()})
+        (summary.attempts, summary.throttled_attempts, summary.requests_saved,
+         summary.possibly_billed) = checkpoint.report_sums()
+        for width, output_width, n in checkpoint.size_pairs():
+            summary.scale_factors[round(float(output_width) / float(width), 4)] += n
+        for state, bucket in ((ItemState.FAILED, summary.failures), (ItemState.SKIPPED, summary.skips)):
+            for reason, n in checkpoint.reasons(state).items():
+                summary.reason_counts[f"{state.value}:{reason}"] = n
+                bucket[reason] = [(self._source_display(row), _short_message(reason, row["error_message"]))
+                                  for row in checkpoint.first_with_reason(state, reason, _MD_LIST_LIMIT)]
         summary.totals["discovered"] = sum(summary.totals.values())
         return summary
 
@@ -165,12 +164,13 @@ class ReportWriter:
         table.writerow(CSV_COLUMNS)
         for n, row in enumerate(self.checkpoint.items()):
             item = self._item(row)
-            js.write(("," if n else "") + "\n    " + json.dumps(item, ensure_ascii=False))
-            table.writerow([csv_cell(cell) for cell in (
-                item["source"], item["output"], item["status"], *(item["input_size"] or [None, None]),
-                *(item["sent_size"] or [None, None]), *(item["output_size"] or [None, None]),
-                item["scale_factor"], item["attempts"], item["throttles"], item["dedup_of"],
-                item["error_code"], item["error_message"])])
+            js.write(("," if n else "") + "\n    " + _ITEM_JSON.encode(item))
+            # Only text can start a formula: numbers and the state go as they are.
+            table.writerow((
+                csv_cell(item["source"]), csv_cell(item["output"]), item["status"],
+                *(item["input_size"] or _NO_SIZE), *(item["sent_size"] or _NO_SIZE),
+                *(item["output_size"] or _NO_SIZE), item["scale_factor"], item["attempts"], item["throttles"],
+                csv_cell(item["dedup_of"]), csv_cell(item["error_code"]), csv_cell(item["error_message"])))
             if row["state"] == ItemState.FAILED:
                 failed.write(f"{printable(item['source'])}\n")
         js.write("\n  ]\n}\n")

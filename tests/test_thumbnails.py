@@ -95,3 +95,4 @@ def test_item_pictures_come_from_bytes_at_hand(tmp_path: Path) -> None:
     assert cache.of_item("s3:k.png", "after", "d2") is None and cache.of_item("s3:k.png", "before", "d1") is None
     cache.keep("s3:bad.png", "after", "d1", b"not an image")  # no picture, no exception
     assert cache.of_item("s3:bad.png", "after", "d1") is None
+
