@@ -276,9 +276,11 @@ class Checkpoint:
 
     @classmethod
     def snapshot(cls, path: Path, job: str, now: Callable[[], float] = time.time) -> Checkpoint:
-        """An in-memory copy of the checkpoint (``plan``): a consistent state read without any lock a
-        running job would wait for; whatever is done to the copy is never written back."""
-        memory = sqlite3.connect(":memory:", isolation_level=None)
+        """A private copy of the checkpoint (``plan``): a consistent state read without any lock a
+        running job would wait for; whatever is done to the copy is never written back. The copy is
+        SQLite's private temporary database (file name ""): on disk beyond a small page cache, and
+        deleted when closed, so a plan of a million new items does not hold a million rows in memory."""
+        memory = sqlite3.connect("", isolation_level=None)
         try:
             if path.exists():
                 source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)

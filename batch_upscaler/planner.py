@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -77,17 +78,17 @@ async def _plan(settings: JobSettings, options: RunOptions, checkpoint: Checkpoi
         refused = checkpoint.failed_by_run(run_id)
         earlier = {code: n - refused.get(code, 0) for code, n in checkpoint.reasons(ItemState.FAILED).items()}
         counts = checkpoint.counts()
-        pending = list(_pending(checkpoint))
-        if options.limit is not None:
-            pending = pending[: options.limit]
-        duplicates = await count_duplicates(pending, checkpoint, storage, request_fingerprint(settings))
+        # Walked page by page (twice), never held: a plan of a million new items stays small.
+        to_process = sum(1 for _ in _pending(checkpoint, options.limit))
+        duplicates = await count_duplicates(lambda: _pending(checkpoint, options.limit), checkpoint, storage,
+                                            request_fingerprint(settings))
         start = await _auto_start(settings, checkpoint)
-    requests = len(pending) - duplicates
+    requests = to_process - duplicates
     rpm = shard_rate(settings) if start is None else start.rpm
     return Plan(
         job=settings.name, model_id=settings.model_id, files_found=summary.discovered, new=summary.new,
         changed=summary.changed, unchanged=summary.unchanged, proven_done=summary.proven,
-        already_done=counts[ItemState.SUCCEEDED], to_process=len(pending), deduplicated=duplicates,
+        already_done=counts[ItemState.SUCCEEDED], to_process=to_process, deduplicated=duplicates,
         requests=requests, skipped_by_reason=checkpoint.reasons(ItemState.SKIPPED), refused_by_reason=refused,
         failed_by_reason={code: n for code, n in earlier.items() if n},
         price_per_image_usd=settings.model.price_usd, estimated_cost_usd=round(requests * settings.model.price_usd, 2),
@@ -143,22 +144,28 @@ def render_shards(plans: list[Plan]) -> str:
     return "\n".join(lines)
 
 
-def _pending(checkpoint: Checkpoint) -> list[WorkItem]:
-    items: list[WorkItem] = []
-    while page := checkpoint.pending(items[-1].seq if items else 0, 1000):
-        items.extend(page)
-    return items
+def _pending(checkpoint: Checkpoint, limit: int | None = None) -> Iterator[WorkItem]:
+    """The pending items in run order, a page at a time; at most ``limit`` of them."""
+    after, left = 0, limit
+    while left is None or left > 0:
+        page = checkpoint.pending(after, 1000 if left is None else min(1000, left))
+        if not page:
+            return
+        yield from page
+        after = page[-1].seq
+        left = None if left is None else left - len(page)
 
 
-async def count_duplicates(pending: list[WorkItem], checkpoint: Checkpoint, storage: Storage,
+async def count_duplicates(pending: Callable[[], Iterable[WorkItem]], checkpoint: Checkpoint, storage: Storage,
                            params_hash: str) -> int:
     """Pending items whose content equals an earlier pending item's, or a succeeded one's whose
-    output is still provably there (as the run's de-duplication requires before it copies)."""
+    output is still provably there (as the run's de-duplication requires before it copies).
+    ``pending`` is walked twice: once for the sizes, once to compare the items that share one."""
     done = checkpoint.succeeded_hashes_by_size()
-    sizes = Counter(item.size for item in pending)
+    sizes = Counter(item.size for item in pending())
     seen: set[str] = set()
     duplicates = 0
-    for item in pending:
+    for item in pending():
         if sizes[item.size] < 2 and item.size not in done:
             continue  # a unique size cannot have an identical twin: no need to read it
         # An S3 object's single-part ETag is its MD5: equal ETags and sizes are equal bytes without a GET

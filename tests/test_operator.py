@@ -142,3 +142,29 @@ def test_json_logs_metrics_failed_list_and_only(tmp_path: Path, write_manifest: 
     assert len(emulator.records()) == 5  # only m2 was sent again; m0 was already done
     assert failed_list.read_text() == ""
     assert "photos/not-there.png is not an item" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("max_images", "expected"), [(None, 2503), (1001, 1001), (2500, 2500)])
+def test_plan_walks_pending_items_a_page_at_a_time_and_stops_at_max_images(
+        tmp_path: Path, write_manifest: Callable[..., Path], capsys: pytest.CaptureFixture[str],
+        max_images: int | None, expected: int) -> None:
+    """More items than one page (1,000), two of them with equal bytes: counted across pages, never held."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(png, "PNG")
+    for n in range(2502):  # distinct sizes' worth of names, one shared content: a pair of twins at the end
+        (photos / f"p{n:05d}.png").write_bytes(png.getvalue() if n >= 2500 else _tiny_png(n))
+    (photos / "twin.png").write_bytes(png.getvalue())
+    manifest = write_manifest(limits={"requests_per_minute": 600})
+    flags = () if max_images is None else ("--max-images", str(max_images))
+    planned = plan(manifest, capsys, *flags)
+    assert planned["to_process"] == expected
+    assert planned["deduplicated"] == (2 if max_images is None else 0)
+    assert planned["requests"] == expected - planned["deduplicated"]
+
+
+def _tiny_png(n: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (n % 251, n // 251 % 251, 3)).save(out, "PNG")
+    return out.getvalue()
