@@ -1,7 +1,7 @@
 """``plan``: what a run would do now, without sending anything or changing the checkpoint.
 
 It runs the run's own first half (recover, scan with every check made before paying, the
-failures to retry) on an in-memory snapshot of the checkpoint, so its counts are the ones the run
+failures to retry) on a private snapshot of the checkpoint, so its counts are the ones the run
 will see, it takes no lock (a running job is not disturbed, and ``plan`` works beside it), and
 nothing it does is ever written back. Requests are the pending items minus the ones
 de-duplication will copy: identical content needs identical size, so only files whose size is
