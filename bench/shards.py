@@ -15,7 +15,8 @@ shard told to stop does). Two variants, each against its own fresh emulator:
 The figures come from the emulator's request log (the bill). Each request is attributed to its
 shard by the image it carried (each shard's checkpoint lists its items' content hashes). Goodput is
 measured while all four shards are sending: from the last shard's first success to the first
-shard's last success, which keeps each shard's start-up and drain out of the figure.
+shard's last success, which keeps each shard's start-up and drain out of the figure (a run too
+short to have such a moment, the smoke, falls back to the whole span: ``all_shards_window`` false).
 
 Targets: fixed goodput >= 0.97 of the quota with <= 1% throttled; auto >= 0.90 with <= 5%
 throttled; each shard's share of the successes within +-25% of a quarter; no image paid twice.
@@ -162,7 +163,11 @@ def _row(label: str, records: Sequence[RequestRecord], owners: dict[str, int], e
     active = [shard.ok_times for shard in shards if shard.ok_times]
     start = max((times[0] for times in active), default=0.0)
     end = min((times[-1] for times in active), default=0.0)
-    window = end - start if len(active) == SHARDS else 0.0
+    overlap = len(active) == SHARDS and end > start
+    if not overlap:  # a short run (the smoke) where no moment had every shard sending: the whole span
+        start = min((times[0] for times in active), default=0.0)
+        end = max((times[-1] for times in active), default=0.0)
+    window = end - start
     in_window = [sum(1 for t in shard.ok_times if start <= t <= end) for shard in shards]
     total = sum(in_window)
     goodput = total / window * 60.0 if window > 0 else 0.0
@@ -175,4 +180,5 @@ def _row(label: str, records: Sequence[RequestRecord], owners: dict[str, int], e
             "shares": " ".join(f"{share:.2f}" for share in shares),
             "worst_share": max(shares, key=lambda share: abs(share - 1.0)) if shares else 0.0,
             "shard_throttled": [shard.throttled for shard in shards], "unattributed": unattributed,
-            "paid_twice": sum(1 for n in paid.values() if n > 1), "exit_codes": " ".join(map(str, exit_codes))}
+            "paid_twice": sum(1 for n in paid.values() if n > 1), "exit_codes": " ".join(map(str, exit_codes)),
+            "all_shards_window": overlap}
