@@ -148,6 +148,16 @@ def choose_start(remembered: Remembered | None, quota: AppliedQuota | None, *, n
     return StartChoice(None, "cold: nothing remembered and no applied quota known")
 
 
+def unshared_warning(choice: StartChoice, shards: int) -> str | None:
+    """What to tell the operator when shards on ``auto`` start without a quota known job-wide: each
+    then finds the quota on its own, and they do not share it fairly (docs/benchmarks.md §11)."""
+    if shards <= 1 or (choice.start is not None and choice.start.ceiling is not None):
+        return None
+    return (f"rate: {shards} shards on auto with no applied quota known: each finds the quota on its own and "
+            "they may not share it fairly (one can starve); allow servicequotas:ListServiceQuotas "
+            "(limits.quota_lookup) or set limits.requests_per_minute")
+
+
 def recall(settings: JobSettings, job_history: tuple[float, bool, float] | None) -> Remembered | None:
     """The best remembered rate for ``settings``: the job's own last one or the state folder's."""
     own = None if job_history is None else Remembered(job_history[0], job_history[1], job_history[2], settings.name)

@@ -42,7 +42,7 @@ from batch_upscaler.pool import PoolStats, WorkerPool
 from batch_upscaler.progress import Progress
 from batch_upscaler.quotas import applied_quota
 from batch_upscaler.ratelimit import RateLimiter, make_limiter
-from batch_upscaler.ratememory import StartChoice, decide_start, leave_rate, memory_key
+from batch_upscaler.ratememory import StartChoice, decide_start, leave_rate, memory_key, unshared_warning
 from batch_upscaler.report import ReportWriter
 from batch_upscaler.retry import SERVICE_STATE_CODES
 from batch_upscaler.scan import Scanner, ScanSummary
@@ -194,6 +194,8 @@ async def _start_rate(settings: JobSettings, checkpoint: Checkpoint, client: Cli
         lambda: applied_quota(settings, session, client.quotas_endpoint_url, client.static_credentials), time.time())
     log.info("rate: auto starts %s: %s", f"at {choice.rpm:.0f}/min" if choice.rpm else "cold", choice.why,
              extra={"event": "start_rate"})
+    if (warning := unshared_warning(choice, settings.shard.sharing)) is not None:
+        log.warning(warning, extra={"event": "start_rate"})
     return choice
 
 

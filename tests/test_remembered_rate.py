@@ -21,7 +21,15 @@ from batch_upscaler.cli import main
 from batch_upscaler.manifest import load_settings
 from batch_upscaler.quotas import AppliedQuota, QuotaTarget, matches, pick
 from batch_upscaler.ratelimit import AdaptiveRateLimiter, StartRate
-from batch_upscaler.ratememory import RateMemory, Remembered, choose_start, decide_start, leave_rate, memory_key
+from batch_upscaler.ratememory import (
+    RateMemory,
+    Remembered,
+    choose_start,
+    decide_start,
+    leave_rate,
+    memory_key,
+    unshared_warning,
+)
 from batch_upscaler.shards import Shard
 from tests.conftest import FakeClock, manifest_doc, write_image
 
@@ -64,6 +72,16 @@ def test_shards_start_at_their_share_and_remember_the_whole() -> None:
     both = choose_start(remembered, QUOTA, now=NOW, max_age_s=DAY, shards=4)
     assert both.start == StartRate(150.0, trusted=True, ceiling=150.0)
     assert choose_start(None, QUOTA, now=NOW, max_age_s=DAY).start == StartRate(600.0)  # one job: no ceiling
+
+
+def test_shards_on_auto_without_a_known_quota_are_warned() -> None:
+    remembered = Remembered(600.0, measured=True, at=NOW - 60, job="j")
+    cold = choose_start(None, None, now=NOW, max_age_s=DAY, shards=4)
+    warning = unshared_warning(cold, 4)
+    assert warning is not None and "servicequotas:ListServiceQuotas" in warning
+    assert unshared_warning(choose_start(remembered, None, now=NOW, max_age_s=DAY, shards=4), 4) is not None
+    assert unshared_warning(choose_start(None, QUOTA, now=NOW, max_age_s=DAY, shards=4), 4) is None  # held to 150
+    assert unshared_warning(cold, 1) is None  # one job alone has nothing to share
 
 
 @pytest.mark.parametrize(("shards", "asked"), [(1, False), (4, True)])
