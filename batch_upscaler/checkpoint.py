@@ -648,12 +648,9 @@ class Checkpoint:
         row = self._conn.execute("SELECT state FROM items WHERE key = ?", (key,)).fetchone()
         return None if row is None else ItemState(row[0])
 
-    def items(self, state: ItemState | None = None) -> Iterator[dict[str, Any]]:
-        """Every live item (in ``state``, when given) in discovery order, as column dicts (streamed)."""
-        if state is None:
-            cur = self._conn.execute("SELECT * FROM items WHERE gone = 0 ORDER BY seq")
-        else:
-            cur = self._conn.execute("SELECT * FROM items WHERE state = ? AND gone = 0 ORDER BY seq", (state.value,))
+    def items(self) -> Iterator[dict[str, Any]]:
+        """Every live item in discovery order, as column dicts (streamed, for reports)."""
+        cur = self._conn.execute("SELECT * FROM items WHERE gone = 0 ORDER BY seq")
         names = [d[0] for d in cur.description]
         for row in cur:
             yield dict(zip(names, row, strict=True))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState
+from batch_upscaler.countstats import counted_stats
 from batch_upscaler.discovery import printable
 from batch_upscaler.settings import JobSettings
 from batch_upscaler.storage.names import Names
@@ -342,29 +343,12 @@ def _histogram_section(agg: _Aggregates) -> str:
              'succeeded items</small></h2>')
     if not agg.factors:
         return intro + '<p class="muted">No succeeded item with known sizes.</p></section>\n'
-    values = sorted(agg.factors)  # distinct factors (a million items have few)
-    count = sum(agg.factors.values())
-    median = counted_median(values, agg.factors, count)
-    mean = math.fsum(value * agg.factors[value] for value in values) / count
-    note = (f"min {_num(values[0])}×, median {_num(round(median, 3))}×, "
-            f"mean {_num(round(mean, 3))}×, max {_num(values[-1])}× over {count} image(s).")
-    chart = _svg("histogram of scale factors", _histogram_parts(agg.factors, median))
+    stats = counted_stats(agg.factors)
+    assert stats is not None  # agg.factors is not empty
+    note = (f"min {_num(stats.min)}×, median {_num(round(stats.median, 3))}×, "
+            f"mean {_num(round(stats.mean, 3))}×, max {_num(stats.max)}× over {stats.n} image(s).")
+    chart = _svg("histogram of scale factors", _histogram_parts(agg.factors, stats.median))
     return f'{intro}{chart}<p class="muted">{_e(note)}</p></section>\n'
-
-
-def counted_median(values: list[float], counts: Counter[float], n: int) -> float:
-    """The median of ``n`` values given as their sorted distinct ``values`` and ``counts``."""
-    wanted = [(n - 1) // 2, n // 2]  # the middle one, or the two middle ones
-    found: list[float] = []
-    seen = 0
-    for value in values:
-        seen += counts[value]
-        while wanted and wanted[0] < seen:
-            found.append(value)
-            wanted.pop(0)
-        if not wanted:
-            break
-    return (found[0] + found[1]) / 2
 
 
 def _histogram_parts(factors: Counter[float], median: float) -> Iterable[str]:

@@ -78,10 +78,9 @@ async def _plan(settings: JobSettings, options: RunOptions, checkpoint: Checkpoi
         refused = checkpoint.failed_by_run(run_id)
         earlier = {code: n - refused.get(code, 0) for code, n in checkpoint.reasons(ItemState.FAILED).items()}
         counts = checkpoint.counts()
-        # Walked page by page (twice), never held: a plan of a million new items stays small.
-        to_process = sum(1 for _ in _pending(checkpoint, options.limit))
-        duplicates = await count_duplicates(lambda: _pending(checkpoint, options.limit), checkpoint, storage,
-                                            request_fingerprint(settings))
+        # Walked page by page, never held: a plan of a million new items stays small.
+        to_process, duplicates = await count_duplicates(lambda: _pending(checkpoint, options.limit), checkpoint,
+                                                        storage, request_fingerprint(settings))
         start = await _auto_start(settings, checkpoint)
     requests = to_process - duplicates
     rpm = shard_rate(settings) if start is None else start.rpm
@@ -157,10 +156,10 @@ def _pending(checkpoint: Checkpoint, limit: int | None = None) -> Iterator[WorkI
 
 
 async def count_duplicates(pending: Callable[[], Iterable[WorkItem]], checkpoint: Checkpoint, storage: Storage,
-                           params_hash: str) -> int:
-    """Pending items whose content equals an earlier pending item's, or a succeeded one's whose
-    output is still provably there (as the run's de-duplication requires before it copies).
-    ``pending`` is walked twice: once for the sizes, once to compare the items that share one."""
+                           params_hash: str) -> tuple[int, int]:
+    """(pending items, those of them whose content equals an earlier pending item's, or a succeeded
+    one's whose output is still provably there, as the run's de-duplication requires before it
+    copies). ``pending`` is walked twice: once for the sizes, once to compare items sharing one."""
     done = checkpoint.succeeded_hashes_by_size()
     sizes = Counter(item.size for item in pending())
     seen: set[str] = set()
@@ -178,7 +177,7 @@ async def count_duplicates(pending: Callable[[], Iterable[WorkItem]], checkpoint
                 checkpoint, storage, digest, params_hash, item.key)):
             duplicates += 1
         seen.add(digest)
-    return duplicates
+    return sum(sizes.values()), duplicates
 
 
 async def _provable_copy(checkpoint: Checkpoint, storage: Storage, digest: str, params_hash: str, key: str) -> bool:

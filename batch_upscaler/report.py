@@ -17,7 +17,6 @@ import datetime as dt
 import io
 import json
 import logging
-import math
 import os
 import re
 import tempfile
@@ -29,8 +28,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState
+from batch_upscaler.countstats import counted_stats
 from batch_upscaler.discovery import printable
-from batch_upscaler.htmlreport import counted_median, render_html
+from batch_upscaler.htmlreport import render_html
 from batch_upscaler.settings import JobSettings
 from batch_upscaler.storage.local import new_file_mode
 from batch_upscaler.storage.names import Names
@@ -64,13 +64,11 @@ class Summary:
     possibly_billed: int = 0  # attempts sent whose answer never arrived (time-outs, crashes, cancels)
 
     def scale_stats(self) -> dict[str, float | None]:
-        counts = self.scale_factors
-        n = sum(counts.values())
-        if not n:
+        stats = counted_stats(self.scale_factors)
+        if stats is None:
             return {"min": None, "median": None, "max": None, "mean": None}
-        values = sorted(counts)
-        return {"min": round(values[0], 4), "median": round(counted_median(values, counts, n), 4),
-                "max": round(values[-1], 4), "mean": round(math.fsum(v * counts[v] for v in values) / n, 4)}
+        return {"min": round(stats.min, 4), "median": round(stats.median, 4), "max": round(stats.max, 4),
+                "mean": round(stats.mean, 4)}
 
 
 class ReportWriter:

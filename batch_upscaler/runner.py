@@ -176,7 +176,7 @@ def shard_rate(settings: JobSettings) -> float | None:
 def _pictures(settings: JobSettings, checkpoint: Checkpoint, storage: Storage) -> PictureKeeper | None:
     """Report pictures of items the report cannot read locally (S3 sources or outputs), kept by the pool."""
     names = storage.sources.names
-    remote_output = names.local_output("x") is None
+    remote_output = not names.local_outputs
     if not remote_output and not names.s3:
         return None  # all local: the report pictures the files themselves
     population = sum(checkpoint.counts().values())

@@ -15,10 +15,8 @@ import io
 import json
 import re
 import shutil
-import statistics
 import subprocess
 import urllib.parse
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -28,13 +26,11 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from hypothesis import given
-from hypothesis import strategies as st
 from PIL import Image
 
 from batch_upscaler.checkpoint import Checkpoint, ItemState, Scanned
 from batch_upscaler.cli import main
-from batch_upscaler.htmlreport import counted_median, render_html
+from batch_upscaler.htmlreport import render_html
 from batch_upscaler.manifest import load_settings
 from batch_upscaler.settings import JobSettings
 from batch_upscaler.thumbnails import sample_rank
@@ -392,9 +388,3 @@ def test_chart_labels_at_the_right_edge_are_not_clipped(job: Job, tmp_path: Path
                if not box.inside(svg.box)]
     assert outside == []
 
-
-@given(st.lists(st.sampled_from([1.5, 2.0, 2.25, 3.0, 4.0, 4.0625, 8.0]), min_size=1, max_size=60))
-def test_the_median_of_counted_values_is_the_median_of_the_values(values: list[float]) -> None:
-    """Reports count scale factors (a million items have few distinct ones) instead of listing them."""
-    counts = Counter(values)
-    assert counted_median(sorted(counts), counts, len(values)) == statistics.median(values)

@@ -52,6 +52,11 @@ class Names:
         root = self.local.get(source)
         return None if root is None else root.path_of(relpath)
 
+    @property
+    def local_outputs(self) -> bool:
+        """The outputs are local files (not S3 objects)."""
+        return isinstance(self.output_dir, Path)
+
     def local_output(self, relpath: str) -> Path | None:
         return self.output_dir / relpath if isinstance(self.output_dir, Path) else None
 
