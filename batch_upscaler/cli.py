@@ -36,7 +36,6 @@ from batch_upscaler.manifest import (
     parse_duration,
 )
 from batch_upscaler.settings import Backend, JobSettings, RunOptions
-from batch_upscaler.shards import Shard
 from batch_upscaler.signals import StopSignals
 
 log = logging.getLogger("batch_upscaler")
@@ -253,7 +252,7 @@ def _settings(args: argparse.Namespace, *, need_index: bool = True) -> JobSettin
         return settings
     if not 0 <= index < count:
         raise UsageError(f"shard index {index} is not in 0..{count - 1} (shards.count {count})")
-    return dataclasses.replace(settings, shard=Shard(index, count))
+    return dataclasses.replace(settings, shard=dataclasses.replace(settings.shard, index=index))
 
 
 def shard_index(flag: int | None) -> int | None:

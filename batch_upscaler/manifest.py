@@ -58,7 +58,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "models": {},
     "emulator": {"output_max_pixels": None, "latency_s": 0, "quota_rpm": None},
     "s3": {"region": None, "endpoint_url": None, "profile": None, "checksums": "when_supported"},
-    "shards": {"count": 1},
+    "shards": {"count": 1, "share_every": "10s"},
     "prepare": {"orientation": "apply", "oversize": "downscale", "undersize": "skip", "aspect": "pad",
                 "alpha": "flatten", "background": "#ffffff", "min_gain": 1.0},
 }
@@ -210,7 +210,8 @@ _EMULATOR = {
     "latency_s": Key(number(0)),
     "quota_rpm": Key(optional(number(above=0))),
 }
-_SHARDS = {"count": Key(number(1, 10_000, whole=True)), "at_once": Key(optional(number(1, 10_000, whole=True)))}
+_SHARDS = {"count": Key(number(1, 10_000, whole=True)), "at_once": Key(optional(number(1, 10_000, whole=True))),
+           "share_every": Key(duration)}
 _S3 = {"region": Key(optional(is_str)), "endpoint_url": Key(optional(url)), "profile": Key(optional(is_str)),
        "checksums": Key(choice("when_supported", "when_required"))}
 _MODEL_PARAMS = ("prompt", "negative_prompt", "seed", "creativity", "style_preset")
@@ -493,7 +494,8 @@ def _assemble(manifest_path: Path, merged: dict[str, Any], spec: Any, params: di
         report_root=report_dir,
         s3=S3Settings(**merged["s3"]),
         shard=Shard(0, int(merged["shards"]["count"]),
-                    None if merged["shards"].get("at_once") is None else int(merged["shards"]["at_once"])),
+                    None if merged["shards"].get("at_once") is None else int(merged["shards"]["at_once"]),
+                    parse_duration(merged["shards"]["share_every"])),
         emulator=EmulatorSettings(**merged["emulator"]),
         naming=merged["output"].get("naming", DEFAULT_TEMPLATE),
         name_compare=NameCompare(merged["output"]["name_compare"]),

@@ -138,8 +138,8 @@ class StartRate:
     rpm: float
     trusted: bool = False
     # A shard's share of a quota known job-wide (Service Quotas' applied quota ÷ shards at once): the
-    # shard never goes above it. Shards that each measure the quota alone do not share it fairly
-    # (each measures only what it got), so a known quota is split as a fixed rate would be.
+    # shard never goes above it. A known quota is split as a fixed rate would be; without one, the
+    # shards steer towards a fair share through their share board (fairshare.py).
     ceiling: float | None = None
 
 
@@ -193,6 +193,7 @@ class AdaptiveRateLimiter(RateLimiter):
         self._marks: deque[tuple[float, int, int]] = deque()  # (time, starts, throttles) at each throttle
         self.estimate_rpm: float | None = None  # the quota as last measured
         self.adjustments = 0  # rate cuts, for tests and the report
+        self.successes = 0
 
     @property
     def rate_to_remember(self) -> float:
@@ -200,6 +201,10 @@ class AdaptiveRateLimiter(RateLimiter):
         if self.estimate_rpm is None:
             return self._rpm
         return min(self._rpm, self.estimate_rpm * self.margin)
+
+    @property
+    def starts(self) -> int:
+        return self._starts
 
     def try_start(self) -> bool:
         if not super().try_start():
@@ -221,6 +226,7 @@ class AdaptiveRateLimiter(RateLimiter):
         return min(wait, max(0.001, self._last_step + self.slow_start_step_s - self._clock.now()))
 
     def on_success(self) -> None:
+        self.successes += 1
         self._step_successes += 1
         self._since_throttle += 1
         self._grow(self._clock.now())
@@ -249,6 +255,24 @@ class AdaptiveRateLimiter(RateLimiter):
         self._last_step, self._step_starts, self._quiet, self._step_successes = now, self._starts, 0, 0
         self._binding = False
         self._hold(max(self.interval, retry_after_s or 0.0))
+
+    def steer(self, fair_rpm: float, slack: float) -> bool:
+        """Keep within ``slack`` of a fair share of a quota shared with other shards (fairshare.py); True
+        if the rate moved. Above it: down to it (a measurement here only saw what this shard got).
+        Below it: up to it, a guess that throttles check as any other. From the first fair share on,
+        probes are additive, a step of the fair share every ``probe_s``, as for a shard held to a known
+        share: steps in proportion to its own rate, or a fast recovery towards a rate it once had,
+        would take back from the others what steering gave them."""
+        self._share_step = self.share_step * fair_rpm
+        high, low = fair_rpm * slack, fair_rpm / slack
+        if self._rpm > high:
+            self._rpm = max(self.floor_rpm, high)
+            self.adjustments += 1
+            return True
+        if self._rpm < low <= self.max_rpm:
+            self._rpm = low
+            return True
+        return False
 
     def _measure(self, now: float) -> tuple[float | None, float]:
         """The quota, and the most it can be, from the most recent earlier throttle that enough accepted

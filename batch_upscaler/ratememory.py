@@ -36,6 +36,7 @@ from batch_upscaler.progress import human_duration
 from batch_upscaler.quotas import AppliedQuota
 from batch_upscaler.ratelimit import AdaptiveRateLimiter, RateLimiter, StartRate
 from batch_upscaler.settings import JobSettings
+from batch_upscaler.shards import Shard
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +149,16 @@ def choose_start(remembered: Remembered | None, quota: AppliedQuota | None, *, n
     return StartChoice(None, "cold: nothing remembered and no applied quota known")
 
 
-def unshared_warning(choice: StartChoice, shards: int) -> str | None:
-    """What to tell the operator when shards on ``auto`` start without a quota known job-wide: each
-    then finds the quota on its own, and they do not share it fairly (docs/benchmarks.md §11)."""
-    if shards <= 1 or (choice.start is not None and choice.start.ceiling is not None):
+def unshared_warning(choice: StartChoice, shard: Shard) -> str | None:
+    """What to tell the operator when shards on ``auto`` start without a quota known job-wide and with
+    their share board turned off: each then finds the quota on its own, and they do not share it
+    fairly (docs/benchmarks.md §11)."""
+    if shard.sharing <= 1 or shard.share_every_s > 0 or (choice.start is not None and choice.start.ceiling is not None):
         return None
-    return (f"rate: {shards} shards on auto with no applied quota known: each finds the quota on its own and "
-            "they may not share it fairly (one can starve); allow servicequotas:ListServiceQuotas "
-            "(limits.quota_lookup) or set limits.requests_per_minute")
+    return (f"rate: {shard.sharing} shards on auto with no applied quota known and shards.share_every 0: each "
+            "finds the quota on its own and they may not share it fairly (one can starve); allow "
+            "servicequotas:ListServiceQuotas (limits.quota_lookup), keep shards.share_every on, or set "
+            "limits.requests_per_minute")
 
 
 def recall(settings: JobSettings, job_history: tuple[float, bool, float] | None) -> Remembered | None:

@@ -35,13 +35,14 @@ from batch_upscaler.discovery import printable
 from batch_upscaler.emulator import EmulatorConfig, serve
 from batch_upscaler.ending import exit_code_for, log_summary
 from batch_upscaler.errors import ExitCode, FatalBackendError, Interrupted, StateUnavailable, UpscalerError
+from batch_upscaler.fairshare import ShareKeeper
 from batch_upscaler.joblock import JobLock
 from batch_upscaler.merge import write_done
 from batch_upscaler.metrics import write_metrics
 from batch_upscaler.pool import PoolStats, WorkerPool
 from batch_upscaler.progress import Progress
 from batch_upscaler.quotas import applied_quota
-from batch_upscaler.ratelimit import RateLimiter, make_limiter
+from batch_upscaler.ratelimit import AdaptiveRateLimiter, RateLimiter, make_limiter
 from batch_upscaler.ratememory import StartChoice, decide_start, leave_rate, memory_key, unshared_warning
 from batch_upscaler.report import ReportWriter
 from batch_upscaler.retry import SERVICE_STATE_CODES
@@ -50,6 +51,7 @@ from batch_upscaler.settings import Backend, JobSettings, RunOptions, request_fi
 from batch_upscaler.signals import StopSignals
 from batch_upscaler.storage.edge import Storage, open_storage
 from batch_upscaler.storage.local import LocalOutputStore
+from batch_upscaler.storage.shareboard import share_board
 from batch_upscaler.thumbnails import THUMB_PX, PictureKeeper, ThumbnailCache
 from batch_upscaler.unsent import UnsentOutputs, deliver
 
@@ -194,9 +196,34 @@ async def _start_rate(settings: JobSettings, checkpoint: Checkpoint, client: Cli
         lambda: applied_quota(settings, session, client.quotas_endpoint_url, client.static_credentials), time.time())
     log.info("rate: auto starts %s: %s", f"at {choice.rpm:.0f}/min" if choice.rpm else "cold", choice.why,
              extra={"event": "start_rate"})
-    if (warning := unshared_warning(choice, settings.shard.sharing)) is not None:
+    if (warning := unshared_warning(choice, settings.shard)) is not None:
         log.warning(warning, extra={"event": "start_rate"})
     return choice
+
+
+@asynccontextmanager
+async def _sharing_fairly(settings: JobSettings, limiter: RateLimiter, start: StartChoice | None, storage: Storage,
+                          clock: Clock, rng: random.Random) -> AsyncIterator[None]:
+    """A shard on ``auto`` with no quota known job-wide keeps near a fair share through the share
+    board while its pool runs (fairshare.py); anything else runs as it is."""
+    ceiling_known = start is not None and start.start is not None and start.start.ceiling is not None
+    if (not isinstance(limiter, AdaptiveRateLimiter) or not settings.shard.sharded or ceiling_known
+            or settings.shard.share_every_s <= 0):
+        yield
+        return
+    keeper = ShareKeeper(limiter, share_board(settings.report_root, storage.s3), settings.shard.label, clock,
+                         settings.shard.share_every_s, rng=rng, where=str(settings.report_root))
+    task = asyncio.create_task(keeper.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        failed = (await asyncio.gather(task, return_exceptions=True))[0]
+        if isinstance(failed, Exception):  # the board is advice: a bug in it never fails a run
+            log.warning("rate: the share board stopped: %r", failed, extra={"event": "fair_share"})
+        await keeper.leave()
+        log.info("rate: shared the quota through the share board in %s: %d posts, %d moved the rate",
+                 settings.report_root, keeper.rounds, keeper.steered, extra={"event": "fair_share"})
 
 
 def _work_left(checkpoint: Checkpoint, only: frozenset[str] | None) -> bool:
@@ -287,7 +314,8 @@ async def _execute(settings: JobSettings, options: RunOptions, checkpoint: Check
                               buffered=options.buffered_responses, pictures=_pictures(settings, checkpoint, storage))
             outcome.stats = pool.stats
             outcome.budget = pool.budget
-            await _supervise(pool, options, checkpoint, storage, outcome, signals, progress, stop, settings)
+            async with _sharing_fairly(settings, limiter, outcome.start, storage, clock, rng):
+                await _supervise(pool, options, checkpoint, storage, outcome, signals, progress, stop, settings)
     if options.limit is not None and pool.stats.started >= options.limit and outcome.stopped_by is None:
         outcome.stopped_by = "max-images"
 

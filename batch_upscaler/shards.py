@@ -25,6 +25,8 @@ class Shard:
     # How many shards the engine runs at once (Kubernetes ``parallelism``, Batch's vCPU cap); None:
     # all of them. The job's rate and quota are split among the shards running, not among all.
     at_once: int | None = None
+    # Shards on ``auto`` without a known quota compare what they get this often (fairshare.py); 0: never.
+    share_every_s: float = 10.0
 
     @property
     def sharded(self) -> bool:

@@ -10,12 +10,17 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from batch_upscaler.fairshare import ShareKeeper
 from batch_upscaler.ratelimit import AdaptiveRateLimiter, FixedRateLimiter, StartRate, make_limiter
 from batch_upscaler.retry import Backoff
+from batch_upscaler.shards import Shard
+from batch_upscaler.storage.shareboard import LocalShareBoard
 from tests.conftest import FakeClock
 
 
@@ -349,10 +354,13 @@ def test_an_untrusted_start_is_a_guess_that_is_checked(clock: FakeClock, guess: 
 
 # ---- shards sharing one quota --------------------------------------------------------------------
 
-def simulate_shards(limiters: list[AdaptiveRateLimiter], clock: FakeClock, quota: Quota, workers: int,
-                    latency_s: float, seconds: float, stagger_s: float = 0.4, seed: int = 0) -> list[Simulated]:
-    """One limiter per shard, each with ``workers`` workers as :func:`simulate` describes, all against
-    one quota; shard i starts ``i × stagger_s`` late (processes never start at the same instant)."""
+def simulate_shards(limiters: list[AdaptiveRateLimiter], clock: FakeClock, quota: Quota, workers: int | list[int],
+                    latency_s: float, seconds: float, stagger_s: float = 0.4, seed: int = 0,
+                    keepers: Sequence[ShareKeeper] = ()) -> list[Simulated]:
+    """One limiter per shard, each with ``workers`` workers (or ``workers[i]`` for shard i) as
+    :func:`simulate` describes, all against one quota; shard i starts ``i × stagger_s`` late
+    (processes never start at the same instant). ``keepers`` (fairshare.py) run beside, as the
+    runner runs them, until the workers are done."""
     rng, backoff, began = random.Random(seed), Backoff(2.0, 60.0), clock.now()
     seen = [Simulated() for _ in limiters]
 
@@ -374,11 +382,19 @@ def simulate_shards(limiters: list[AdaptiveRateLimiter], clock: FakeClock, quota
                 await clock.sleep(backoff.delay(attempt, rng))
             mine.rates.append((clock.now() - began, limiter.rpm))
 
+    async def keep(index: int, keeper: ShareKeeper) -> None:
+        await clock.sleep(stagger_s * index)
+        await keeper.run()
+
     async def main() -> None:
+        beside = [asyncio.create_task(keep(index, keeper)) for index, keeper in enumerate(keepers)]
         async with asyncio.TaskGroup() as group:
             for index in range(len(limiters)):
-                for _ in range(workers):
+                for _ in range(workers if isinstance(workers, int) else workers[index]):
                     group.create_task(worker(index))
+        for task in beside:
+            task.cancel()
+        await asyncio.gather(*beside, return_exceptions=True)
 
     asyncio.run(main())
     return seen
@@ -406,3 +422,57 @@ def test_shards_held_to_their_share_of_a_known_quota_share_it_fairly(clock: Fake
     assert throttled / (total + throttled) <= (0.0 if effective_rpm == 600 else 0.03)
     goodput = sum(sum(30 <= at < 150 for at in shard.successes) for shard in seen) / 120 * 60
     assert goodput >= 0.95 * effective_rpm
+
+
+def cold_shards(clock: FakeClock, board_dir: Path | None, quota_rpm: float, workers: int | list[int] = 8,
+                seed: int = 0) -> tuple[list[Simulated], list[ShareKeeper]]:
+    """4 cold ``auto`` shards, 0.2 s latency, 2.5 minutes against one quota (burst 10), with a share
+    board in ``board_dir`` (posting every 10 s, as by default) or without one."""
+    limiters = [AdaptiveRateLimiter(clock) for _ in range(4)]
+    keepers = [] if board_dir is None else [
+        ShareKeeper(limiter, LocalShareBoard(board_dir), Shard(index, 4).label, clock, 10.0, wall=clock.now,
+                    rng=random.Random(seed * 10 + index))
+        for index, limiter in enumerate(limiters)]
+    quota = Quota(clock, quota_rpm, burst=10)
+    return simulate_shards(limiters, clock, quota, workers, latency_s=0.2, seconds=150, seed=seed,
+                           keepers=keepers), keepers
+
+
+def throttled_share(seen: list[Simulated]) -> float:
+    throttled = sum(shard.throttles for shard in seen)
+    return throttled / (throttled + sum(len(shard.successes) for shard in seen))
+
+
+def goodput(seen: list[Simulated], since: float, until: float) -> float:
+    return sum(sum(since <= at < until for at in shard.successes) for shard in seen) / (until - since) * 60
+
+
+def test_cold_shards_without_a_board_do_not_share_a_quota_fairly(clock: FakeClock) -> None:
+    """Why the board exists: each shard measures only what it gets, and one starves."""
+    seen, _ = cold_shards(clock, None, 600)
+    assert min(shares(seen, 30, 150)) < 0.5, shares(seen, 30, 150)
+
+
+@pytest.mark.parametrize(("quota_rpm", "seed"), [(120, 0), (600, 0), (600, 1), (3000, 0)])
+def test_cold_shards_with_a_share_board_share_a_quota_fairly(clock: FakeClock, tmp_path: Path, quota_rpm: float,
+                                                             seed: int) -> None:
+    """The same 4 cold shards posting on one board: each within ±25% of a fair share from 30 s to the
+    end, the quota used, and no more throttled than a lone run at that quota per shard."""
+    seen, keepers = cold_shards(clock, tmp_path / "reports", quota_rpm, seed=seed)
+    assert all(abs(share - 1.0) <= 0.25 for share in shares(seen, 30, 150)), shares(seen, 30, 150)
+    assert goodput(seen, 30, 150) >= 0.95 * quota_rpm
+    assert throttled_share(seen) <= (0.10 if quota_rpm < 600 else 0.05)
+    assert all(keeper.rounds >= 12 for keeper in keepers)
+    posted = sorted(p.name for p in (tmp_path / "reports" / "shards" / "rates").iterdir())
+    assert posted == [f"{Shard(i, 4).label}.json" for i in range(4)]
+
+
+def test_a_shard_that_wants_less_leaves_its_share_to_the_others(clock: FakeClock, tmp_path: Path) -> None:
+    """Shard 3 has one worker: at 0.2 s a request it sends under 300/min, far less than its share of
+    3000. It posts ``limited: false`` and does not count, so the other three are not held down to its
+    rate: they share the rest (about 900/min each) and the quota is still used."""
+    seen, _ = cold_shards(clock, tmp_path / "reports", 3000, workers=[8, 8, 8, 1])
+    assert goodput(seen, 30, 150) >= 0.95 * 3000
+    assert goodput(seen[3:], 30, 150) <= 300
+    busy = shares(seen[:3], 30, 150)
+    assert all(abs(share - 1.0) <= 0.25 for share in busy), busy

@@ -74,14 +74,17 @@ def test_shards_start_at_their_share_and_remember_the_whole() -> None:
     assert choose_start(None, QUOTA, now=NOW, max_age_s=DAY).start == StartRate(600.0)  # one job: no ceiling
 
 
-def test_shards_on_auto_without_a_known_quota_are_warned() -> None:
+def test_shards_on_auto_without_a_known_quota_nor_a_share_board_are_warned() -> None:
     remembered = Remembered(600.0, measured=True, at=NOW - 60, job="j")
     cold = choose_start(None, None, now=NOW, max_age_s=DAY, shards=4)
-    warning = unshared_warning(cold, 4)
-    assert warning is not None and "servicequotas:ListServiceQuotas" in warning
-    assert unshared_warning(choose_start(remembered, None, now=NOW, max_age_s=DAY, shards=4), 4) is not None
-    assert unshared_warning(choose_start(None, QUOTA, now=NOW, max_age_s=DAY, shards=4), 4) is None  # held to 150
-    assert unshared_warning(cold, 1) is None  # one job alone has nothing to share
+    unboarded = Shard(0, 4, share_every_s=0)
+    warning = unshared_warning(cold, unboarded)
+    assert warning is not None and "servicequotas:ListServiceQuotas" in warning and "shards.share_every" in warning
+    assert unshared_warning(choose_start(remembered, None, now=NOW, max_age_s=DAY, shards=4), unboarded) is not None
+    held = choose_start(None, QUOTA, now=NOW, max_age_s=DAY, shards=4)
+    assert unshared_warning(held, unboarded) is None  # held to 150
+    assert unshared_warning(cold, Shard(0, 4)) is None  # the share board keeps them fair
+    assert unshared_warning(cold, Shard(0, 1, share_every_s=0)) is None  # one job alone has nothing to share
 
 
 @pytest.mark.parametrize(("shards", "asked"), [(1, False), (4, True)])

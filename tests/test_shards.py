@@ -7,6 +7,7 @@ server on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batch_upscaler.cli import settings_from
+from batch_upscaler.cli import _settings as cli_settings
+from batch_upscaler.cli import build_parser, settings_from
 from batch_upscaler.emulator import EmulatorThread
 from batch_upscaler.joblock import JobLock
 from batch_upscaler.manifest import load_settings, manifest_layers
@@ -147,11 +149,13 @@ def test_shards_on_s3_with_the_report_in_s3(tmp_path: Path, s3: MotoS3, emulator
     s3.bucket("archive-upscaled")
     for i in range(12):
         s3.put("archive", f"photos/{i:02d}.png", image_bytes(80 + i, 70, color=(i * 20, 9, 9)))
-    emulator = emulator_factory(quota_rpm=3000)
+    emulator = emulator_factory(quota_rpm=3000, quotas_denied=True, latency_s=0.3)
+    # auto with no quota known: the shards post on their share board, under the S3 report prefix.
     doc = manifest_doc(backend="bedrock", bedrock={"endpoint_url": emulator.endpoint_url},
                        sources=["s3://archive/photos/"], output={"dir": "s3://archive-upscaled/photos/"},
                        report_dir="s3://archive-upscaled/_reports/", s3={"endpoint_url": s3.endpoint_url},
-                       shards={"count": 3}, limits={"concurrency": 2, "requests_per_minute": 3000})
+                       shards={"count": 3, "share_every": 0.5},
+                       limits={"concurrency": 1, "requests_per_minute": "auto"})
     manifest = tmp_path / "archive.yaml"
     manifest.write_text(yaml.safe_dump(doc))
     shards = [subprocess.Popen([sys.executable, "-m", "batch_upscaler", "run", str(manifest)],
@@ -160,10 +164,15 @@ def test_shards_on_s3_with_the_report_in_s3(tmp_path: Path, s3: MotoS3, emulator
     for shard in shards:
         _, err = shard.communicate(timeout=120)
         assert shard.returncode == 0, err
+        rounds = re.search(r"through the share board in s3://archive-upscaled/_reports/: (\d+) posts", err)
+        assert rounds is not None and int(rounds[1]) >= 1, err
     assert len(paid(emulator)) == 12 and set(paid(emulator).values()) == {1}
     assert len([k for k in s3.keys("archive-upscaled", "photos/") if k.endswith(".png")]) == 12
     done = [k for k in s3.keys("archive-upscaled", "_reports/shards/") if k.endswith("done.json")]
     assert len(done) == 3
+    posts = [json.loads(s3.get("archive-upscaled", f"_reports/shards/rates/{i:04d}-of-0003.json")) for i in range(3)]
+    assert [p["label"] for p in posts] == [f"{i:04d}-of-0003" for i in range(3)]
+    assert not any(p["limited"] for p in posts)  # each left the board: it wants nothing more
     result = run_cli("report", str(manifest), "--merge")
     assert result.returncode == 0, result.stderr
     report = json.loads(s3.get("archive-upscaled", "_reports/report.json"))
@@ -223,3 +232,8 @@ def test_the_rate_is_split_among_the_shards_running_at_once(tmp_path: Path) -> N
     assert Shard(0, 4, at_once=10).sharing == 4  # never more than there are
     flagged = settings_from(manifest_layers(manifest, None, {"shards": {"count": 16}}))
     assert flagged.shard == Shard(0, 16, 8)
+    # The index the engine or a flag gives keeps every other shards key (at_once, share_every).
+    manifest.write_text(yaml.safe_dump(manifest_doc(limits={"requests_per_minute": 640},
+                                                    shards={"count": 32, "at_once": 8, "share_every": "30s"})))
+    indexed = cli_settings(build_parser().parse_args(["run", str(manifest), "--shard-index", "3"]))
+    assert indexed.shard == Shard(3, 32, 8, share_every_s=30.0) and shard_rate(indexed) == 80
