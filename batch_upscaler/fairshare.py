@@ -10,7 +10,8 @@ the mean of the shards that want more. The limiter still finds the quota itself;
 moves rates between shards. Shards that have no work left, or whose workers are the limit, post
 ``limited: false`` and do not count, so their unused share goes to the others.
 
-The decisions (:func:`fair_share`, :meth:`ShareKeeper.sample`) are pure; the board is the edge.
+The decisions (:func:`fair_share`; :meth:`ShareKeeper.sample`, from the limiter's counters) do no I/O;
+the board is the edge, and a shard's time comes from its injected clock.
 """
 
 from __future__ import annotations
