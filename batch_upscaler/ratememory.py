@@ -64,6 +64,11 @@ class StartChoice:
     def rpm(self) -> float | None:
         return None if self.start is None else self.start.rpm
 
+    @property
+    def ceiling(self) -> float | None:
+        """A shard's share of a quota known job-wide, when there is one."""
+        return None if self.start is None else self.start.ceiling
+
 
 def memory_key(settings: JobSettings) -> str:
     """Runs with the same key share one quota: the same account (profile), region and model. The
@@ -153,7 +158,7 @@ def unshared_warning(choice: StartChoice, shard: Shard) -> str | None:
     """What to tell the operator when shards on ``auto`` start without a quota known job-wide and with
     their share board turned off: each then finds the quota on its own, and they do not share it
     fairly (docs/benchmarks.md §11)."""
-    if shard.sharing <= 1 or shard.share_every_s > 0 or (choice.start is not None and choice.start.ceiling is not None):
+    if shard.sharing <= 1 or shard.share_every_s > 0 or choice.ceiling is not None:
         return None
     return (f"rate: {shard.sharing} shards on auto with no applied quota known and shards.share_every 0: each "
             "finds the quota on its own and they may not share it fairly (one can starve); allow "

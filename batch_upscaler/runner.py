@@ -206,9 +206,8 @@ async def _sharing_fairly(settings: JobSettings, limiter: RateLimiter, start: St
                           clock: Clock, rng: random.Random) -> AsyncIterator[None]:
     """A shard on ``auto`` with no quota known job-wide keeps near a fair share through the share
     board while its pool runs (fairshare.py); anything else runs as it is."""
-    ceiling_known = start is not None and start.start is not None and start.start.ceiling is not None
-    if (not isinstance(limiter, AdaptiveRateLimiter) or not settings.shard.sharded or ceiling_known
-            or settings.shard.share_every_s <= 0):
+    if (not isinstance(limiter, AdaptiveRateLimiter) or not settings.shard.sharded
+            or (start is not None and start.ceiling is not None) or settings.shard.share_every_s <= 0):
         yield
         return
     keeper = ShareKeeper(limiter, share_board(settings.report_root, storage.s3), settings.shard.label, clock,

@@ -35,6 +35,16 @@ def post(label: str, rpm: float, limited: bool = True, age: float = 0.0) -> Post
     return Post(label, rpm, limited, NOW - age)
 
 
+def busy(limiter: AdaptiveRateLimiter, clock: FakeClock, seconds: float) -> None:
+    """Starts as fast as the limiter allows for ``seconds``, each answered at once."""
+    async def go() -> None:
+        end = clock.now() + seconds
+        while clock.now() < end:
+            await limiter.acquire()
+            limiter.on_success()
+    asyncio.run(go())
+
+
 def test_the_fair_share_is_the_mean_of_the_fresh_shards_that_want_more() -> None:
     posts = [post("a", 100), post("b", 300), post("c", 20, limited=False), post("d", 900, age=31)]
     assert fair_share(posts, NOW, stale_s=30) == 200  # c wants no more, d is stale
@@ -54,20 +64,14 @@ def test_steer_keeps_the_rate_within_slack_of_the_fair_share(clock: FakeClock) -
 def test_after_a_fair_share_probes_are_additive_steps_of_it(clock: FakeClock) -> None:
     """A step of 2% of the fair share every probe_s, in time, not in successes: a shard that gets little
     grows as fast as the others, and one steered down does not rush back to what it had."""
-    async def busy(limiter: AdaptiveRateLimiter, seconds: float) -> None:
-        end = clock.now() + seconds
-        while clock.now() < end:
-            await limiter.acquire()
-            limiter.on_success()
-
     steered = AdaptiveRateLimiter(clock, start=StartRate(400, trusted=True))
     steered.steer(200, 1.05)
-    asyncio.run(busy(steered, 2.05))
+    busy(steered, clock, 2.05)
     assert steered.rpm == pytest.approx(210 + 0.02 * 200)
-    asyncio.run(busy(steered, 2.0))
+    busy(steered, clock, 2.0)
     assert steered.rpm == pytest.approx(210 + 2 * 0.02 * 200)
     alone = AdaptiveRateLimiter(clock, start=StartRate(210, trusted=True))
-    asyncio.run(busy(alone, 4.05))
+    busy(alone, clock, 4.05)
     assert alone.rpm == 210  # its probes wait for 30 successes: at 210/min, 8.6 s
 
 
@@ -102,12 +106,7 @@ def test_a_round_posts_then_steers_only_a_shard_that_wants_more(clock: FakeClock
     limiter = AdaptiveRateLimiter(clock, start=StartRate(600, trusted=True))
     keeper = ShareKeeper(limiter, board, "0001-of-0002", clock, 10.0, wall=lambda: NOW)
 
-    async def busy() -> None:
-        for _ in range(50):
-            await limiter.acquire()
-            limiter.on_success()
-
-    asyncio.run(busy())  # 50 in 5 s: 600/min, limited
+    busy(limiter, clock, 4.95)  # 50 in 5 s: 600/min, limited
     asyncio.run(keeper.round())
     mine = Post.parse((tmp_path / "shards" / "rates" / "0001-of-0002.json").read_text())
     assert mine is not None and mine.limited and mine.rpm == pytest.approx(600, rel=0.03)
@@ -121,18 +120,12 @@ def test_a_round_posts_then_steers_only_a_shard_that_wants_more(clock: FakeClock
 def test_a_shard_alone_on_its_board_says_so_once(clock: FakeClock, tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """Shards on different machines with a local report_dir each: each board holds one post."""
-    async def busy_rounds(keeper: ShareKeeper, rounds: int) -> None:
-        for _ in range(rounds):
-            end = clock.now() + 10
-            while clock.now() < end:
-                await keeper.limiter.acquire()
-                keeper.limiter.on_success()
-            await keeper.round()
-
     def warned(keeper: ShareKeeper) -> list[str]:
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            asyncio.run(busy_rounds(keeper, 6))
+            for _ in range(6):
+                busy(keeper.limiter, clock, 10)
+                asyncio.run(keeper.round())
         return [r.getMessage() for r in caplog.records if "no other shard has posted" in r.getMessage()]
 
     alone = ShareKeeper(AdaptiveRateLimiter(clock), LocalShareBoard(tmp_path / "a"), "0002-of-0004", clock, 10.0,

@@ -406,6 +406,15 @@ def shares(seen: list[Simulated], since: float, until: float) -> list[float]:
     return [count * len(counts) / sum(counts) for count in counts]
 
 
+def throttled_share(seen: list[Simulated]) -> float:
+    throttled = sum(shard.throttles for shard in seen)
+    return throttled / (throttled + sum(len(shard.successes) for shard in seen))
+
+
+def goodput(seen: list[Simulated], since: float, until: float) -> float:
+    return sum(sum(since <= at < until for at in shard.successes) for shard in seen) / (until - since) * 60
+
+
 @pytest.mark.parametrize(("effective_rpm", "seed"), [(600, 0), (600, 1), (480, 0), (480, 1)])
 def test_shards_held_to_their_share_of_a_known_quota_share_it_fairly(clock: FakeClock, effective_rpm: float,
                                                                      seed: int) -> None:
@@ -417,11 +426,8 @@ def test_shards_held_to_their_share_of_a_known_quota_share_it_fairly(clock: Fake
     seen = simulate_shards(limiters, clock, quota, workers=8, latency_s=0.2, seconds=150, seed=seed)
     assert all(max(rpm for _, rpm in shard.rates) <= 150.0 for shard in seen)
     assert all(abs(share - 1.0) <= 0.25 for share in shares(seen, 30, 150)), shares(seen, 30, 150)
-    total = sum(len(shard.successes) for shard in seen)
-    throttled = sum(shard.throttles for shard in seen)
-    assert throttled / (total + throttled) <= (0.0 if effective_rpm == 600 else 0.03)
-    goodput = sum(sum(30 <= at < 150 for at in shard.successes) for shard in seen) / 120 * 60
-    assert goodput >= 0.95 * effective_rpm
+    assert throttled_share(seen) <= (0.0 if effective_rpm == 600 else 0.03)
+    assert goodput(seen, 30, 150) >= 0.95 * effective_rpm
 
 
 def cold_shards(clock: FakeClock, board_dir: Path | None, quota_rpm: float, workers: int | list[int] = 8,
@@ -436,15 +442,6 @@ def cold_shards(clock: FakeClock, board_dir: Path | None, quota_rpm: float, work
     quota = Quota(clock, quota_rpm, burst=10)
     return simulate_shards(limiters, clock, quota, workers, latency_s=0.2, seconds=150, seed=seed,
                            keepers=keepers), keepers
-
-
-def throttled_share(seen: list[Simulated]) -> float:
-    throttled = sum(shard.throttles for shard in seen)
-    return throttled / (throttled + sum(len(shard.successes) for shard in seen))
-
-
-def goodput(seen: list[Simulated], since: float, until: float) -> float:
-    return sum(sum(since <= at < until for at in shard.successes) for shard in seen) / (until - since) * 60
 
 
 def test_cold_shards_without_a_board_do_not_share_a_quota_fairly(clock: FakeClock) -> None:

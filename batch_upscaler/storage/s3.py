@@ -143,6 +143,18 @@ class S3Access:
             await self._sleep(min(10.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2))
         raise AssertionError("unreachable")
 
+    async def entries(self, bucket: str, prefix: str) -> AsyncIterator[Mapping[str, Any]]:
+        """Every object below ``prefix`` as ListObjectsV2 describes it, a page (1,000 keys) at a time."""
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {"Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+            page = await self.call(bucket, "s3:ListBucket", "list_objects_v2", **params)
+            for entry in page.get("Contents", ()):
+                yield entry
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
 
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
@@ -178,17 +190,10 @@ async def list_found(access: S3Access, root: S3Root, exclude: Iterable[str]) -> 
     """Every image object below ``root``, a page at a time (1,000 keys: memory stays flat)."""
     prefix, pattern = root.listing()
     bucket, excludes = root.url.bucket, tuple(exclude)
-    token: str | None = None
-    while True:
-        params: dict[str, Any] = {"Prefix": prefix, **({"ContinuationToken": token} if token else {})}
-        page = await access.call(bucket, "s3:ListBucket", "list_objects_v2", **params)
-        for entry in page.get("Contents", ()):
-            found = _found(root, bucket, prefix, entry, pattern, excludes)
-            if found is not None:
-                yield found
-        if not page.get("IsTruncated"):
-            return
-        token = page["NextContinuationToken"]
+    async for entry in access.entries(bucket, prefix):
+        found = _found(root, bucket, prefix, entry, pattern, excludes)
+        if found is not None:
+            yield found
 
 
 def _found(root: S3Root, bucket: str, prefix: str, entry: Mapping[str, Any], pattern: str | None,
@@ -315,14 +320,8 @@ class S3OutputStore:
 
     async def prepare(self) -> None:
         """List the output prefix once: what exists, without a HEAD per item."""
-        token: str | None = None
-        while True:
-            params: dict[str, Any] = {"Prefix": self.prefix, **({"ContinuationToken": token} if token else {})}
-            page = await self.access.call(self.bucket, "s3:ListBucket", "list_objects_v2", **params)
-            self._keys.update(str(e["Key"])[len(self.prefix):] for e in page.get("Contents", ()))
-            if not page.get("IsTruncated"):
-                return
-            token = page["NextContinuationToken"]
+        async for entry in self.access.entries(self.bucket, self.prefix):
+            self._keys.add(str(entry["Key"])[len(self.prefix):])
 
     async def proof(self, relpath: str) -> Proof | None:
         """The object's own record of how it was made (one HEAD), or None if it has none."""

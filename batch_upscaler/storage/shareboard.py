@@ -15,13 +15,13 @@ is deleted (runs never delete in S3): a shard that stops posts that it wants not
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
 
+from batch_upscaler.report import write_json_atomically
 from batch_upscaler.storage.urls import S3Url
 
 BOARD_DIR = "shards/rates"
@@ -66,9 +66,7 @@ class LocalShareBoard:
 
     async def post(self, post: Post) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{post.label}.{os.getpid()}.tmp"
-        tmp.write_text(post.dumps(), encoding="utf-8")
-        os.replace(tmp, self.folder / f"{post.label}.json")
+        write_json_atomically(self.folder / f"{post.label}.json", asdict(post))
 
     async def labels(self) -> list[str]:
         return sorted(path.stem for path in self.folder.glob("*.json"))
@@ -92,15 +90,9 @@ class S3ShareBoard:
                                ContentType="application/json")
 
     async def labels(self) -> list[str]:
-        labels, token = [], None
-        while True:
-            page = await self.access.call(self.prefix.bucket, "s3:ListBucket", "list_objects_v2",
-                                          Prefix=self.prefix.key, **({"ContinuationToken": token} if token else {}))
-            labels += [entry["Key"][len(self.prefix.key):].removesuffix(".json") for entry in page.get("Contents", [])
-                       if entry["Key"].endswith(".json")]
-            token = page.get("NextContinuationToken")
-            if not token:
-                return labels
+        return [str(entry["Key"])[len(self.prefix.key):].removesuffix(".json")
+                async for entry in self.access.entries(self.prefix.bucket, self.prefix.key)
+                if str(entry["Key"]).endswith(".json")]
 
     async def get(self, label: str) -> Post | None:
         try:
