@@ -58,6 +58,7 @@ class ShareKeeper:
         self.where = where  # the board, as people name it (for the log)
         self._failed = False
         self._company = False  # another shard's post has been seen
+        self._said_alone = False  # (a round that wants nothing more reads nothing: the warning may come later)
 
     def sample(self) -> Post:
         """What the shard got since the last sample: accepted per minute, and whether its rate was the
@@ -78,7 +79,8 @@ class ShareKeeper:
             return
         posts = await self.read()
         self._company = self._company or any(other.label != self.label for other in posts)
-        if not self._company and self.rounds == STALE_PERIODS:
+        if not self._company and self.rounds >= STALE_PERIODS and not self._said_alone:
+            self._said_alone = True
             log.warning("rate: no other shard has posted on the share board in %s after %d rounds; if the shards "
                         "run on different machines, give them a report_dir they share (S3 or a shared "
                         "filesystem), or they may not share the quota fairly", self.where, self.rounds,

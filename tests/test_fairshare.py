@@ -133,6 +133,15 @@ def test_a_shard_alone_on_its_board_says_so_once(clock: FakeClock, tmp_path: Pat
     lonely = warned(alone)
     assert len(lonely) == 1 and str(tmp_path / "a") in lonely[0] and "after 3 rounds" in lonely[0]
     assert alone.steered == 0
+    idle_at_third = ShareKeeper(AdaptiveRateLimiter(clock), LocalShareBoard(tmp_path / "c"), "0001-of-0004", clock,
+                                10.0, wall=clock.now)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        for busy_s in (10, 10, 0, 10, 10):  # the third round wants nothing more and reads nothing
+            busy(idle_at_third.limiter, clock, busy_s)
+            clock.advance(10 - busy_s)
+            asyncio.run(idle_at_third.round())
+    assert [r for r in caplog.records if "after 4 rounds" in r.getMessage()]
     shared = LocalShareBoard(tmp_path / "b")
     asyncio.run(shared.post(Post("0003-of-0004", 100.0, True, clock.now())))
     accompanied = ShareKeeper(AdaptiveRateLimiter(clock), shared, "0002-of-0004", clock, 10.0, wall=clock.now)
